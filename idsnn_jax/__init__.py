@@ -1,0 +1,1 @@
+"""idsnn-jax: IDSNN (ANN-initialized, distilled Spiking ResNets) in JAX/Flax."""
