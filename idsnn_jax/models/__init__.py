@@ -1,0 +1,60 @@
+"""Model registry: `create_model(name, num_classes=..., width=..., **kwargs)`.
+
+ANN names take `stem_padding`, `bn_axis_name`, `dtype`; spiking names also take
+`time_steps` and the neuron settings (see `spiking_resnet.spiking_resnet`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+
+from idsnn_jax.models.resnet import BasicBlock, Bottleneck, ResNet
+from idsnn_jax.models.spiking_resnet import LIF, firing_rates, spiking_resnet
+
+_ANN = functools.partial(ResNet, block_cls=BasicBlock)
+_ANN_BOTTLENECK = functools.partial(ResNet, block_cls=Bottleneck)
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": functools.partial(_ANN, stage_sizes=(2, 2, 2, 2)),
+    "resnet34": functools.partial(_ANN, stage_sizes=(3, 4, 6, 3)),
+    "resnet50": functools.partial(_ANN_BOTTLENECK, stage_sizes=(3, 4, 6, 3)),
+    "resnet101": functools.partial(_ANN_BOTTLENECK, stage_sizes=(3, 4, 23, 3)),
+    "resnet152": functools.partial(_ANN_BOTTLENECK, stage_sizes=(3, 8, 36, 3)),
+    "spiking_resnet18": functools.partial(spiking_resnet, (2, 2, 2, 2)),
+    "spiking_resnet34": functools.partial(spiking_resnet, (3, 4, 6, 3)),
+    "sew_resnet18": functools.partial(spiking_resnet, (2, 2, 2, 2), sew=True),
+    "sew_resnet34": functools.partial(spiking_resnet, (3, 4, 6, 3), sew=True),
+}
+
+
+def is_spiking(name: str) -> bool:
+    """Whether the registered model `name` is a spiking network."""
+    return not name.startswith("resnet")
+
+
+def create_model(name: str, *, num_classes: int, width: float = 1.0, **kwargs: Any) -> nn.Module:
+    """Returns the Flax module registered as `name`; bad arguments raise ValueError."""
+    if name not in MODELS:
+        raise ValueError(f"model={name!r} is unknown; known models: {sorted(MODELS)}")
+    if not (isinstance(num_classes, int) and num_classes >= 1):
+        raise ValueError(f"num_classes={num_classes!r} must be an integer >= 1")
+    if not width > 0:
+        raise ValueError(f"width={width!r} must be > 0 (multiplier of 64, 128, 256, 512 channels)")
+    return MODELS[name](num_classes=num_classes, width=width, **kwargs)
+
+
+__all__ = [
+    "LIF",
+    "MODELS",
+    "BasicBlock",
+    "Bottleneck",
+    "ResNet",
+    "create_model",
+    "firing_rates",
+    "is_spiking",
+    "spiking_resnet",
+]

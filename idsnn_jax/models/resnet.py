@@ -1,0 +1,218 @@
+"""CIFAR-stem ResNets, written once for both the ANN teacher and the spiking student.
+
+Activations are 4-D `(N, H, W, C)` everywhere. For an ANN, N is the batch B; for a spiking
+network N = T * B: time is folded into the batch, so every conv and BatchNorm is one call
+per layer (and BatchNorm statistics are over T, B, H, W: tdBN). The two families differ
+only in the activation module (ReLU vs. LIF, which unfolds time itself), the BN scale
+init, and the number of time steps, so the block code below serves both and the
+parameter trees share their paths (`stem/conv`, `stage1/block0/conv1`, ..., `head`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ModuleDef = Callable[..., nn.Module]
+
+# PyTorch's default conv/linear init (kaiming_uniform with a = sqrt(5)): U(+-1/sqrt(fan_in)).
+torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
+    """PyTorch's default bias init for a layer with `fan_in` inputs: U(+-1/sqrt(fan_in))."""
+    bound = 1.0 / max(fan_in, 1) ** 0.5
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -bound, bound
+    )
+
+
+class ReLU(nn.Module):
+    """The ANN activation as a module, so blocks treat ReLU and LIF alike."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.relu(x)
+
+
+def conv(
+    features: int,
+    kernel: int = 3,
+    strides: int = 1,
+    padding: int | None = None,
+    *,
+    name: str,
+    dtype: Any = jnp.float32,
+) -> nn.Conv:
+    """Bias-free k x k convolution with PyTorch's symmetric padding (k // 2 by default).
+
+    A factory rather than a wrapper module, so the kernel's path is `<name>/kernel`.
+    """
+    pad = kernel // 2 if padding is None else padding
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=strides,
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        dtype=dtype,
+        kernel_init=torch_default_init,
+        name=name,
+    )
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs. Standard: `act(bn2(conv2(act(bn1(conv1 x)))) + sc(x))`.
+
+    With `sew=True` (SEW-ResNet, ADD): `act(bn2(conv2(...))) + sc(x)` where a projection
+    shortcut is `act(bn(conv1x1 x))`, so both summands are spikes.
+    """
+
+    features: int
+    strides: int
+    conv: ModuleDef
+    norm: ModuleDef
+    act: ModuleDef
+    sew: bool = False
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.act(name="act1")(
+            self.norm(name="bn1")(self.conv(self.features, 3, self.strides, name="conv1")(x))
+        )
+        y = self.norm(name="bn2")(self.conv(self.features, 3, name="conv2")(y))
+        return _merge(self, x, y, "act2")
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (strided) -> 1x1 with 4x expansion (ResNet50 and deeper)."""
+
+    features: int
+    strides: int
+    conv: ModuleDef
+    norm: ModuleDef
+    act: ModuleDef
+    sew: bool = False
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.act(name="act1")(
+            self.norm(name="bn1")(self.conv(self.features, 1, name="conv1")(x))
+        )
+        y = self.conv(self.features, 3, self.strides, name="conv2")(y)
+        y = self.act(name="act2")(self.norm(name="bn2")(y))
+        y = self.conv(self.features * 4, 1, name="conv3")(y)
+        y = self.norm(name="bn3")(y)
+        return _merge(self, x, y, "act3")
+
+
+def _merge(block: BasicBlock | Bottleneck, x: jax.Array, y: jax.Array, act_name: str) -> jax.Array:
+    """Adds the (projected if the shape changes) shortcut and applies the last activation."""
+    shortcut = x
+    if x.shape != y.shape:
+        shortcut = block.conv(y.shape[-1], 1, block.strides, name="shortcut_conv")(x)
+        shortcut = block.norm(name="shortcut_bn")(shortcut)
+        if block.sew:
+            shortcut = block.act(name="shortcut_act")(shortcut)
+    if block.sew:
+        return block.act(name=act_name)(y) + shortcut
+    return block.act(name=act_name)(y + shortcut)
+
+
+class Stem(nn.Module):
+    """CIFAR stem: 3x3 conv (stride 1, no max-pool) -> BN -> activation."""
+
+    features: int
+    padding: int
+    conv: ModuleDef
+    norm: ModuleDef
+    act: ModuleDef
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.conv(self.features, 3, padding=self.padding, name="conv")(x)
+        return self.act(name="act")(self.norm(name="bn")(x))
+
+
+class Stage(nn.Module):
+    """`num_blocks` blocks at one width; the first one carries the stride."""
+
+    block: ModuleDef
+    num_blocks: int
+    features: int
+    strides: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for j in range(self.num_blocks):
+            x = self.block(self.features, self.strides if j == 0 else 1, name=f"block{j}")(x)
+        return x
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet over `time_steps` (1 for an ANN; T for a directly encoded SNN).
+
+    `__call__(images (B, H, W, C), train) -> logits (B, num_classes)` in float32. The image
+    is repeated `time_steps` times (direct encoding) and folded into the batch; the head
+    averages over H, W and then over time before the Dense layer.
+    """
+
+    stage_sizes: Sequence[int]
+    block_cls: type[BasicBlock] | type[Bottleneck]
+    num_classes: int
+    width: float = 1.0
+    time_steps: int = 1
+    act: ModuleDef = ReLU
+    bn_scale_init: float = 1.0
+    stem_padding: int = 1
+    sew: bool = False
+    bn_axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        if images.ndim != 4:
+            raise ValueError(f"images must be (B, H, W, C), got shape {images.shape}")
+        conv_fn = functools.partial(conv, dtype=self.dtype)
+        norm = functools.partial(
+            nn.BatchNorm,
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=1e-5,
+            scale_init=nn.initializers.constant(self.bn_scale_init),
+            axis_name=self.bn_axis_name if train else None,
+            dtype=self.dtype,
+        )
+        block = functools.partial(
+            self.block_cls, conv=conv_fn, norm=norm, act=self.act, sew=self.sew
+        )
+        b = images.shape[0]
+        x = jnp.broadcast_to(images.astype(self.dtype), (self.time_steps, *images.shape))
+        x = x.reshape((self.time_steps * b, *images.shape[1:]))
+        x = Stem(
+            stage_width(64, self.width), self.stem_padding, conv_fn, norm, self.act, name="stem"
+        )(x)
+        for i, num_blocks in enumerate(self.stage_sizes):
+            features = stage_width(64 * 2**i, self.width)
+            x = Stage(block, num_blocks, features, 1 if i == 0 else 2, name=f"stage{i + 1}")(x)
+        x = jnp.mean(x, axis=(1, 2)).reshape((self.time_steps, b, x.shape[-1])).mean(axis=0)
+        head = nn.Dense(
+            self.num_classes,
+            dtype=self.dtype,
+            kernel_init=torch_default_init,
+            bias_init=torch_bias_init(x.shape[-1]),
+            name="head",
+        )
+        return head(x).astype(jnp.float32)
+
+
+def stage_width(base: int, width: float) -> int:
+    """Channels of a stage: `base * width`, rounded, at least 1."""
+    return max(1, round(base * width))
