@@ -1,0 +1,118 @@
+"""Shared pytest fixtures. Data fixtures (prefix `data_`) write tiny datasets in the official
+on-disk formats, so tests never need a download."""
+
+from __future__ import annotations
+
+import io
+import pathlib
+import pickle
+import struct
+import tarfile
+
+import numpy as np
+import pytest
+
+_CIFAR_FILES = {  # (archive, folder, {split: member names}) as in the official archives.
+    ("cifar10", "binary"): (
+        "cifar-10-binary.tar.gz",
+        "cifar-10-batches-bin",
+        {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": ["test_batch.bin"]},
+    ),
+    ("cifar10", "python"): (
+        "cifar-10-python.tar.gz",
+        "cifar-10-batches-py",
+        {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
+    ),
+    ("cifar100", "binary"): (
+        "cifar-100-binary.tar.gz",
+        "cifar-100-binary",
+        {"train": ["train.bin"], "test": ["test.bin"]},
+    ),
+    ("cifar100", "python"): (
+        "cifar-100-python.tar.gz",
+        "cifar-100-python",
+        {"train": ["train"], "test": ["test"]},
+    ),
+}
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Pickles bytes and str as Python 2 `str` (BINSTRING), as in the official CIFAR batches."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_bytes(self, obj: bytes) -> None:
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    def save_str(self, obj: str) -> None:
+        self.save_bytes(obj.encode("latin1"))
+
+    dispatch[bytes] = save_bytes
+    dispatch[str] = save_str
+
+
+def data_py2_pickle(obj) -> bytes:
+    """`obj` pickled like NumPy 1 under Python 2 (protocol 2, numpy.core globals, str bytes)."""
+    buf = io.BytesIO()
+    _Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+def _cifar_member(name, fmt, images, coarse, fine) -> bytes:
+    chw = images.transpose(0, 3, 1, 2).reshape(len(images), -1)  # official layout: C, H, W
+    if fmt == "binary":
+        labels = fine[:, None] if name == "cifar10" else np.stack([coarse, fine], 1)
+        return np.concatenate([labels.astype(np.uint8), chw], axis=1).tobytes()
+    batch = {b"batch_label": b"tiny batch", b"data": chw, b"filenames": [b"x.png"] * len(chw)}
+    if name == "cifar10":
+        batch[b"labels"] = fine.tolist()
+    else:
+        batch[b"fine_labels"], batch[b"coarse_labels"] = fine.tolist(), coarse.tolist()
+    return data_py2_pickle(batch)
+
+
+def data_write_cifar(
+    root: pathlib.Path, name: str, fmt: str, packed: bool, per_file: int = 3, seed: int = 0
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Writes a tiny official CIFAR archive (`fmt` 'binary' or 'python'; `.tar.gz` if `packed`,
+    else the extracted folder) under `root`. Returns {split: (images uint8 NHWC, fine labels)}."""
+    archive, folder, members = _CIFAR_FILES[(name, fmt)]
+    num_classes = 10 if name == "cifar10" else 100
+    rng = np.random.default_rng(seed)
+    written, files = {}, {}
+    for split, names in members.items():
+        images = rng.integers(0, 256, (per_file * len(names), 32, 32, 3), dtype=np.uint8)
+        fine = rng.integers(0, num_classes, len(images))
+        coarse = (fine + 1) % 20  # differs from the fine label, so a mix-up shows
+        written[split] = (images, fine.astype(np.int32))
+        for i, member in enumerate(names):
+            rows = slice(i * per_file, (i + 1) * per_file)
+            files[member] = _cifar_member(name, fmt, images[rows], coarse[rows], fine[rows])
+    if packed:
+        with tarfile.open(root / archive, "w:gz") as tar:
+            for member, payload in files.items():
+                info = tarfile.TarInfo(f"{folder}/{member}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    else:
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for member, payload in files.items():
+            (root / folder / member).write_bytes(payload)
+    return written
+
+
+@pytest.fixture
+def data_cifar10_dir(tmp_path: pathlib.Path) -> pathlib.Path:
+    """A data_dir holding a tiny cifar-10-binary.tar.gz: 5 x 8 train and 8 test examples."""
+    data_write_cifar(tmp_path, "cifar10", "binary", packed=True, per_file=8)
+    return tmp_path
+
+
+@pytest.fixture
+def data_cifar_writer():
+    """`data_write_cifar`, for tests that write their own tiny archives."""
+    return data_write_cifar
