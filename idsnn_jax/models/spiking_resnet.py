@@ -23,8 +23,9 @@ from idsnn_jax.neuron import check_neuron_args, lif_scan
 class LIF(nn.Module):
     """LIF activation on time-folded input `(T * B, ...)` -> spikes of the same shape.
 
-    Sows the layer's mean firing rate (spikes per neuron per time step) into the
-    `intermediates` collection when that collection is mutable.
+    Sows the layer's firing rate per example, `(B,)` (spikes per neuron per time step),
+    into the `intermediates` collection when that collection is mutable; per example so
+    that evaluation can mask padded examples exactly.
     """
 
     time_steps: int
@@ -43,7 +44,8 @@ class LIF(nn.Module):
             surrogate=self.surrogate,
             width=self.surrogate_width,
         )
-        self.sow("intermediates", "firing_rate", jnp.mean(spikes.astype(jnp.float32)))
+        per_example = spikes.reshape((self.time_steps, currents.shape[1], -1)).astype(jnp.float32)
+        self.sow("intermediates", "firing_rate", jnp.mean(per_example, axis=(0, 2)))
         return spikes.reshape(x.shape)
 
 
@@ -94,7 +96,7 @@ def spiking_resnet(
 
 
 def firing_rates(intermediates: Any) -> dict[str, float]:
-    """`{'stage1/block0/act1': rate, ...}` from the `intermediates` collection of a forward."""
+    """`{'stage1/block0/act1': rates (B,), ...}` from the `intermediates` of a forward pass."""
     flat = traverse_util.flatten_dict(intermediates, sep="/")
     suffix = "/firing_rate"
     return {k[: -len(suffix)]: v[0] for k, v in flat.items() if k.endswith(suffix)}

@@ -1,0 +1,26 @@
+"""Fashion-MNIST: the whole IDSNN pipeline on real data on a 2-core CPU (the embedded default).
+
+Command:
+  python -m idsnn_jax.main --config=configs/fashion_mnist.py --workdir=runs/fmnist
+Narrow ResNet34 teacher -> narrow Spiking ResNet18 (T=4) on a 10k-image training subset,
+plus a baseline SNN (no init, no KD) trained with the same budget for contrast.
+Data: Debian's `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist) or TFDS.
+"""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.dataset = "fashion_mnist"
+    config.batch_size = 64
+    config.eval_batch_size = 500
+    config.max_train_examples = 10000
+    config.teacher.width = 0.125
+    config.teacher.num_epochs = 3
+    config.student.width = 0.125
+    config.student.num_epochs = 3
+    config.optimizer.lr_milestones = (2,)
+    config.augment.flip = False
+    config.compare_baseline = True
+    return config

@@ -1,0 +1,264 @@
+"""The three IDSNN stages: train the ANN teacher, initialize the SNN from it, distill.
+
+`run(config, workdir)` is what the CLI and the notebooks call. Every stage checkpoints
+under the workdir and a rerun of the same call resumes where it stopped, skipping
+finished stages. The ablations of the paper are config switches alone:
+baseline (`init_from_teacher=False, distill=False`), init only (`distill=False`),
+KD only (`init_from_teacher=False`) and IDSNN (both, the default).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from idsnn_jax import input_pipeline, train
+from idsnn_jax.checkpoints import load_variables
+from idsnn_jax.logs import MetricLogger, logger, setup_logging
+from idsnn_jax.models import MODELS, create_model, is_spiking
+from idsnn_jax.transfer import init_snn_from_ann
+
+DATASETS = ("cifar10", "cifar100", "fashion_mnist")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _require(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"config.{key}={value!r} is invalid: expected {expected}")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks every value `run` uses before any work; a ValueError names the bad key."""
+    _require(config.dataset in DATASETS, "dataset", config.dataset, f"one of {DATASETS}")
+    devices = jax.device_count()
+    for key in ("batch_size", "eval_batch_size"):
+        value = config[key]
+        _require(_positive_int(value), key, value, "an integer >= 1")
+        _require(value % devices == 0, key, value, f"a multiple of the {devices} devices")
+    _require(
+        config.max_train_examples is None or config.max_train_examples >= config.batch_size,
+        "max_train_examples",
+        config.max_train_examples,
+        "None or >= batch_size",
+    )
+    _require(
+        config.max_test_examples is None or _positive_int(config.max_test_examples),
+        "max_test_examples",
+        config.max_test_examples,
+        "None or an integer >= 1",
+    )
+    _require(config.dtype in DTYPES, "dtype", config.dtype, f"one of {sorted(DTYPES)}")
+    for role in ("teacher", "student"):
+        cfg = config[role]
+        _require(cfg.model in MODELS, f"{role}.model", cfg.model, f"one of {sorted(MODELS)}")
+        _require(cfg.width > 0, f"{role}.width", cfg.width, "> 0")
+        _require(
+            isinstance(cfg.num_epochs, int) and cfg.num_epochs >= 0,
+            f"{role}.num_epochs",
+            cfg.num_epochs,
+            "an integer >= 0",
+        )
+    _require(
+        not is_spiking(config.teacher.model),
+        "teacher.model",
+        config.teacher.model,
+        "an ANN (resnet*)",
+    )
+    _require(
+        is_spiking(config.student.model),
+        "student.model",
+        config.student.model,
+        "a spiking model (spiking_* or sew_*)",
+    )
+    _require(
+        _positive_int(config.student.time_steps),
+        "student.time_steps",
+        config.student.time_steps,
+        "an integer >= 1",
+    )
+    _require(
+        config.student.num_epochs >= 1, "student.num_epochs", config.student.num_epochs, ">= 1"
+    )
+    uses_teacher = config.init_from_teacher or config.distill
+    checkpoint = config.teacher.checkpoint
+    if uses_teacher and checkpoint:
+        _require(os.path.exists(checkpoint), "teacher.checkpoint", checkpoint, "an existing path")
+    elif uses_teacher:
+        _require(
+            config.teacher.num_epochs >= 1,
+            "teacher.num_epochs",
+            config.teacher.num_epochs,
+            ">= 1 (or set teacher.checkpoint)",
+        )
+    _require(
+        config.block_map in ("first", "uniform"),
+        "block_map",
+        config.block_map,
+        "'first' or 'uniform'",
+    )
+    _require(config.kd_alpha >= 0, "kd_alpha", config.kd_alpha, ">= 0")
+    _require(config.kd_tau > 0, "kd_tau", config.kd_tau, "> 0")
+    opt = config.optimizer
+    _require(opt.learning_rate > 0, "optimizer.learning_rate", opt.learning_rate, "> 0")
+    _require(0 <= opt.momentum < 1, "optimizer.momentum", opt.momentum, "in [0, 1)")
+    _require(opt.weight_decay >= 0, "optimizer.weight_decay", opt.weight_decay, ">= 0")
+    _require(0 < opt.lr_gamma <= 1, "optimizer.lr_gamma", opt.lr_gamma, "in (0, 1]")
+    _require(
+        isinstance(opt.lr_interval, int) and opt.lr_interval >= 0,
+        "optimizer.lr_interval",
+        opt.lr_interval,
+        "an integer >= 0 (0: use lr_milestones)",
+    )
+    milestones = list(opt.lr_milestones)
+    _require(
+        all(isinstance(m, int) and m > 0 for m in milestones) and milestones == sorted(milestones),
+        "optimizer.lr_milestones",
+        opt.lr_milestones,
+        "increasing positive epochs",
+    )
+    _require(
+        config.augment.crop_padding >= 0,
+        "augment.crop_padding",
+        config.augment.crop_padding,
+        ">= 0",
+    )
+    _require(
+        _positive_int(config.checkpoint_keep),
+        "checkpoint_keep",
+        config.checkpoint_keep,
+        "an integer >= 1",
+    )
+    _require(
+        _positive_int(config.log_every_steps),
+        "log_every_steps",
+        config.log_every_steps,
+        "an integer >= 1",
+    )
+
+
+def _model(config: ml_collections.ConfigDict, role: str, num_classes: int):
+    cfg = config[role]
+    kwargs = dict(
+        num_classes=num_classes,
+        width=cfg.width,
+        dtype=DTYPES[config.dtype],
+        bn_axis_name=train.AXIS,
+    )
+    if is_spiking(cfg.model):
+        kwargs.update(
+            time_steps=cfg.time_steps, stem_padding=cfg.stem_padding, **cfg.neuron.to_dict()
+        )
+    return create_model(cfg.model, **kwargs)
+
+
+def _teacher(ctx: train.RunContext) -> tuple[Any, dict[str, Any], float | None]:
+    """Stage 1: (teacher model, its variables on host, its best test accuracy or None).
+
+    A trained teacher's best-accuracy checkpoint is what the student learns from.
+    """
+    config, info = ctx.config, ctx.info
+    model = _model(config, "teacher", info.num_classes)
+    if config.teacher.checkpoint:
+        variables = load_variables(config.teacher.checkpoint)
+        expected = jax.eval_shape(lambda: train.init_variables(model, info, config.seed))
+        got = jax.tree.map(lambda x: (x.shape, x.dtype), variables)
+        want = jax.tree.map(lambda x: (x.shape, x.dtype), expected)
+        if got != want:
+            raise ValueError(
+                f"config.teacher.checkpoint={config.teacher.checkpoint!r} does not hold a "
+                f"{config.teacher.model!r} of width {config.teacher.width} for "
+                f"{info.num_classes} classes: set teacher.model / teacher.width to match it"
+            )
+        logger.info("[teacher] loaded from %s", config.teacher.checkpoint)
+        return model, variables, None
+    result = train.fit(
+        ctx,
+        stage="teacher",
+        model=model,
+        mode="ann",
+        variables=train.init_variables(model, info, config.seed),
+        num_epochs=config.teacher.num_epochs,
+    )
+    variables = load_variables(os.path.join(ctx.workdir, "teacher"))
+    return model, variables, result.best_accuracy
+
+
+def _student(
+    ctx: train.RunContext, teacher: Any, *, stage: str, init: bool, distill: bool
+) -> train.FitResult:
+    """Stages 2 and 3 for one student: build, optionally initialize from the teacher, train."""
+    config = ctx.config
+    model = _model(config, "student", ctx.info.num_classes)
+    variables = train.init_variables(model, ctx.info, config.seed + 1)
+    if init:
+        variables, report = init_snn_from_ann(
+            teacher[1],
+            variables,
+            block_map=config.block_map,
+            copy_shortcut=config.copy_shortcut,
+            return_report=True,
+        )
+        logger.info("[%s] initialized from the teacher:\n%s", stage, report)
+    return train.fit(
+        ctx,
+        stage=stage,
+        model=model,
+        variables=variables,
+        mode="idsnn" if distill else "snn",
+        num_epochs=config.student.num_epochs,
+        teacher=teacher if distill else None,
+    )
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) the whole pipeline; returns and writes `summary.json`."""
+    setup_logging()
+    validate_config(config)
+    start = time.time()
+    info = input_pipeline.dataset_info(config.dataset)
+    train_split, test_split = (
+        input_pipeline.load_split(
+            config.dataset, split, config.data_dir, max_examples=config[f"max_{split}_examples"]
+        )
+        for split in ("train", "test")
+    )
+    logger.info(
+        "%s: %d train / %d test examples on %d device(s)",
+        config.dataset,
+        len(train_split),
+        len(test_split),
+        jax.device_count(),
+    )
+    writer = MetricLogger(workdir)
+    ctx = train.RunContext(
+        config, workdir, train_split, test_split, info, train.create_mesh(), writer
+    )
+    summary: dict[str, Any] = {"dataset": config.dataset}
+    teacher = None
+    if config.init_from_teacher or config.distill:
+        *teacher, summary["teacher_best_accuracy"] = _teacher(ctx)
+    students = [("student", config.init_from_teacher, config.distill)]
+    if config.compare_baseline:
+        students.append(("baseline", False, False))
+    for stage, init, distill in students:
+        result = _student(ctx, teacher, stage=stage, init=init, distill=distill)
+        summary[f"{stage}_best_accuracy"] = result.best_accuracy
+        summary[f"{stage}_last_accuracy"] = result.last_accuracy
+        summary[f"{stage}_epochs"] = len(result.history)
+    writer.close()
+    summary["wall_seconds"] = time.time() - start
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    logger.info("summary: %s", json.dumps(summary))
+    return summary
