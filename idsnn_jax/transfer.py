@@ -1,0 +1,331 @@
+"""Initialize a (Spiking) ResNet from another ResNet's weights: IDSNN's init rule.
+
+IDSNN (Biomimetics 2023) starts the spiking student from a trained ANN teacher instead of from
+scratch. The rule, reproduced here, is a walk over the *target* tree's paths:
+
+* ``stem/conv`` and ``stem/bn`` are copied;
+* in stage s, target block j takes source block ``min(j, d - 1)`` where d is the number of source
+  blocks in that stage (``block_map="first"``, the reference); ``"uniform"`` spreads the n target
+  blocks over the whole source stage (``j * (d - 1) / (n - 1)`` rounded half up), and a callable
+  ``(stage, j, d, n) -> int`` may choose anything else;
+* channels are mapped cyclically, which truncates a wider source and tiles a narrower one:
+  ``dst[..., i, o] = src[..., i % I, o % O]`` for kernels (HWIO, both channel axes) and
+  ``v[c] = src[c % C]`` for BN scale, bias and running mean/var (collection ``batch_stats``);
+* shortcut projections and the classifier head keep the target's (fresh) values, as the
+  reference does, unless ``copy_shortcut`` / ``copy_head`` is set.
+
+ANN and SNN trees share one path layout, so the same walk serves ANN->SNN, SNN->SNN, ANN->ANN and
+SNN->ANN, shallower<->deeper and narrower<->wider. The plan depends on shapes only: the function
+runs under ``jax.jit`` with its options static, and ``transfer_report`` accepts abstract trees
+(``jax.eval_shape``) to plan without touching any array.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BlockMap = str | Callable[[int, int, int, int], int]
+
+_STAGE = re.compile(r"stage(\d+)")
+_BLOCK = re.compile(r"block(\d+)")
+_STEM_KERNEL = "stem/conv/kernel"
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferEntry:
+    """One target leaf: where its value came from (``source``) or why it was left alone."""
+
+    target: str
+    source: str | None
+    action: str  # "copied" or "kept"
+    detail: str  # e.g. "same shape", "cyclic (3, 3, 64, 64) <- (3, 3, 128, 128)", or the reason
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferReport:
+    """Every target leaf of one ``init_snn_from_ann`` call, in the target's leaf order."""
+
+    entries: tuple[TransferEntry, ...]
+
+    @property
+    def copied(self) -> dict[str, str]:
+        """Target path -> source path, for the leaves that were set from the source."""
+        return {e.target: e.source for e in self.entries if e.action == "copied"}
+
+    @property
+    def kept(self) -> dict[str, str]:
+        """Target path -> reason, for the leaves that keep the target's value."""
+        return {e.target: e.detail for e in self.entries if e.action == "kept"}
+
+    def summary(self) -> str:
+        """Counts of copied and kept leaves, the kept ones grouped by reason."""
+        n_copied, kept = len(self.copied), Counter(self.kept.values())
+        lines = [f"transfer: {n_copied} leaves copied, {sum(kept.values())} kept"]
+        lines += [f"  kept {n:4d}  {reason}" for reason, n in sorted(kept.items())]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        width = max((len(e.target) for e in self.entries), default=0)
+        rows = [
+            f"  {e.action:6s} {e.target:{width}s} <- {e.source or '-'}  [{e.detail}]"
+            for e in self.entries
+        ]
+        return "\n".join([self.summary(), *rows])
+
+
+class _Mismatch(Exception):
+    """A source leaf whose shape cannot be mapped onto the target leaf."""
+
+
+def _flatten(tree: Any) -> tuple[list[str], list[Any], Any]:
+    """Paths ("a/b/c"), leaves and treedef of a nested-dict pytree (dict or FrozenDict)."""
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    paths = ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in with_path]
+    return paths, [leaf for _, leaf in with_path], treedef
+
+
+def _kind(tree: Any, name: str) -> str:
+    """'variables' for {"params": ..., ...}, 'params' for a bare parameter tree."""
+    if not isinstance(tree, Mapping):
+        raise TypeError(f"{name} must be a ResNet params tree or variables dict, got {type(tree)}")
+    if "params" in tree:
+        return "variables"
+    if "stem" in tree:
+        return "params"
+    raise ValueError(
+        f"{name} is not a ResNet tree: it has neither 'params' (a variables dict) nor 'stem' "
+        f"(a params tree) at the top; top-level keys: {sorted(map(str, tree))}"
+    )
+
+
+def _split(path: str, kind: str) -> tuple[str, list[str]]:
+    """('params/', ['stem', 'conv', 'kernel']) for 'params/stem/conv/kernel' in a variables dict."""
+    parts = path.split("/")
+    return ("", parts) if kind == "params" else (parts[0] + "/", parts[1:])
+
+
+def _block_counts(paths: list[str], kind: str, name: str) -> dict[int, int]:
+    """Stage number -> number of blocks, checking that blocks are numbered 0..n-1."""
+    found: dict[int, set[int]] = {}
+    for path in paths:
+        rest = _split(path, kind)[1]
+        if len(rest) > 1 and _STAGE.fullmatch(rest[0]) and _BLOCK.fullmatch(rest[1]):
+            found.setdefault(int(rest[0][5:]), set()).add(int(rest[1][5:]))
+    for s, blocks in found.items():
+        if blocks != set(range(len(blocks))):
+            raise ValueError(f"{name} stage{s} has blocks {sorted(blocks)}: expected block0..")
+    return {s: len(blocks) for s, blocks in sorted(found.items())}
+
+
+def _chooser(block_map: BlockMap) -> Callable[[int, int, int, int], int]:
+    """The block rule (stage, j, d, n) -> source block index."""
+    if callable(block_map):
+        return block_map
+    if block_map == "first":
+        return lambda s, j, d, n: min(j, d - 1)
+    if block_map == "uniform":  # round(j * (d - 1) / (n - 1)), half up, in integers
+        return lambda s, j, d, n: 0 if n == 1 else (2 * j * (d - 1) + n - 1) // (2 * (n - 1))
+    raise ValueError(
+        f"unknown block_map {block_map!r}: use 'first', 'uniform' or a callable "
+        "(stage, j, d, n) -> int"
+    )
+
+
+def _takes(src: tuple[int, ...], dst: tuple[int, ...], head: bool) -> tuple[tuple[int, int], ...]:
+    """(axis, size) pairs to map cyclically; raises _Mismatch for axes that must be equal.
+
+    Kernels map their last two axes (HWIO: in, out; Dense: in, out) and vectors their only
+    axis; leading (spatial) axes must match. The head keeps its last axis (classes) fixed.
+    """
+    if len(src) != len(dst):
+        raise _Mismatch(f"ranks differ ({len(src)} vs {len(dst)})")
+    ndim = len(dst)
+    cyclic = range(ndim - 1) if head else range(max(ndim - 2, 0), ndim)
+    for axis in set(range(ndim)) - set(cyclic):
+        if src[axis] != dst[axis]:
+            raise _Mismatch(
+                "numbers of classes differ (copy_head needs the same number of classes; "
+                "its input axis is mapped cyclically)"
+                if head
+                else "kernel spatial shapes differ"
+            )
+    return tuple((axis, dst[axis]) for axis in cyclic if src[axis] != dst[axis])
+
+
+def _map_leaf(x: Any, takes: tuple[tuple[int, int], ...], like: Any) -> jax.Array:
+    """``x`` indexed with ``arange(size) % x.shape[axis]`` for each (axis, size) in ``takes``,
+    cast to ``like``'s dtype.
+
+    Concrete arrays go through NumPy (no XLA compile per shape, so a whole ResNet maps in
+    milliseconds) and land on ``like``'s sharding; under ``jit`` it is tiling and static slices.
+    """
+    if not takes and x.dtype == like.dtype:
+        return jnp.asarray(x)
+    if isinstance(x, jax.core.Tracer) or isinstance(like, jax.core.Tracer):
+        for axis, size in takes:
+            if size > x.shape[axis]:
+                x = jnp.concatenate([x] * -(-size // x.shape[axis]), axis=axis)
+            x = jax.lax.slice_in_dim(x, 0, size, axis=axis)
+        return jnp.asarray(x).astype(like.dtype)
+    y = np.asarray(x)
+    for axis, size in takes:
+        y = np.take(y, np.arange(size) % y.shape[axis], axis=axis)
+    return jax.device_put(y.astype(like.dtype), getattr(like, "sharding", None))
+
+
+def _plan(
+    source: Any,
+    target: Any,
+    block_map: BlockMap,
+    copy_shortcut: bool,
+    copy_head: bool,
+    strict: bool,
+) -> tuple[TransferReport, list[tuple[Any, tuple[tuple[int, int], ...]] | None], Any]:
+    """The report, per target leaf either None (kept) or (source leaf, cyclic takes), treedef."""
+    kind, src_kind = _kind(target, "target"), _kind(source, "source")
+    if kind != src_kind:
+        raise ValueError(
+            f"source is a {src_kind} tree but target is a {kind} tree: pass both as full "
+            "variables dicts ({'params': ..., 'batch_stats': ...}, BN statistics mapped too) "
+            "or both as params trees (variables['params'])"
+        )
+    src_paths, src_leaves, _ = _flatten(source)
+    dst_paths, dst_leaves, treedef = _flatten(target)
+    src = dict(zip(src_paths, src_leaves, strict=True))
+    stem = ("params/" if kind == "variables" else "") + _STEM_KERNEL
+    for name, paths in (("source", src), ("target", dst_paths)):
+        if stem not in paths:
+            raise ValueError(
+                f"{name} has no '{stem}': expected the ResNet layout stem/conv, stem/bn, "
+                "stage{s}/block{j}/{conv1,bn1,...}, head"
+            )
+    src_blocks = _block_counts(src_paths, kind, "source")
+    dst_blocks = _block_counts(dst_paths, kind, "target")
+    choose, block_of = _chooser(block_map), {}
+    for s, n in dst_blocks.items():
+        if s not in src_blocks:
+            raise ValueError(f"target has stage{s} but source has only stages {list(src_blocks)}")
+        d = src_blocks[s]
+        for j in range(n):
+            m = choose(s, j, d, n)
+            if not isinstance(m, numbers.Integral) or not 0 <= m < d:  # NumPy ints are fine
+                raise ValueError(
+                    f"block_map returned {m!r} for target stage{s}/block{j}; source stage{s} "
+                    f"has d={d} blocks, so it must be an int in [0, {d})"
+                )
+            block_of[(s, j)] = int(m)
+
+    entries, ops, problems = [], [], []
+    for path, leaf in zip(dst_paths, dst_leaves, strict=True):
+        coll, rest = _split(path, kind)
+        head, reason, src_path = rest[0] == "head", None, None
+        if rest[0] == "stem":
+            src_path = path
+        elif head:
+            src_path = path if copy_head else None
+            reason = None if copy_head else "head (copy_head=False)"
+        elif len(rest) > 2 and _STAGE.fullmatch(rest[0]) and _BLOCK.fullmatch(rest[1]):
+            s, j = int(rest[0][5:]), int(rest[1][5:])
+            src_path = "/".join([coll + rest[0], f"block{block_of[(s, j)]}", *rest[2:]])
+            if rest[2].startswith("shortcut"):
+                if not copy_shortcut:
+                    src_path, reason = None, "shortcut projection (copy_shortcut=False)"
+                elif src_path not in src:
+                    src_path, reason = None, "source block has no projection"
+        else:
+            reason = "no mapping rule for this path"
+        if src_path is not None and src_path not in src:
+            problems.append(
+                (path, f"target '{path}' maps to source '{src_path}', which is missing")
+            )
+            src_path, reason = None, f"no source leaf '{src_path}'"
+        if src_path is not None:
+            s_shape, d_shape = tuple(src[src_path].shape), tuple(leaf.shape)
+            try:
+                takes = _takes(s_shape, d_shape, head)
+            except _Mismatch as err:
+                msg = f"source '{src_path}' {s_shape} -> target '{path}' {d_shape}: {err}"
+                problems.append((path, "cannot map " + msg))
+                src_path, reason = None, f"shape mismatch: {err} ({s_shape} vs {d_shape})"
+        if src_path is None:
+            entries.append(TransferEntry(path, None, "kept", reason))
+            ops.append(None)
+            continue
+        detail = f"cyclic {d_shape} <- {s_shape}" if takes else "same shape"
+        if src[src_path].dtype != leaf.dtype:
+            detail += f", {src[src_path].dtype} -> {leaf.dtype}"
+        entries.append(TransferEntry(path, src_path, "copied", detail))
+        ops.append((src[src_path], takes))
+    if strict and problems:  # parameters first: a kernel says more than its BN statistics
+        lines = [msg for _, msg in sorted(problems, key=lambda p: p[0].startswith("batch_stats"))]
+        more = [f"... and {len(lines) - 8} more"] if len(lines) > 8 else []
+        raise ValueError(
+            f"{len(lines)} target leaves cannot be mapped (strict=False keeps them and lists "
+            "them in the report):\n  " + "\n  ".join(lines[:8] + more)
+        )
+    return TransferReport(tuple(entries)), ops, treedef
+
+
+def transfer_report(
+    params_ann: Any,
+    params_snn: Any,
+    *,
+    block_map: BlockMap = "first",
+    copy_shortcut: bool = False,
+    copy_head: bool = False,
+    strict: bool = True,
+) -> TransferReport:
+    """The report ``init_snn_from_ann`` would give, from shapes only (abstract trees work)."""
+    return _plan(params_ann, params_snn, block_map, copy_shortcut, copy_head, strict)[0]
+
+
+def init_snn_from_ann(
+    params_ann: Any,
+    params_snn: Any,
+    *,
+    block_map: BlockMap = "first",
+    copy_shortcut: bool = False,
+    copy_head: bool = False,
+    strict: bool = True,
+    return_report: bool = False,
+) -> Any:
+    """A copy of ``params_snn`` initialized from ``params_ann`` by IDSNN's rule (module doc).
+
+    Args:
+      params_ann: source tree, ``variables["params"]`` or a whole variables dict (then BN
+        running statistics in ``batch_stats`` are mapped too). Any ResNet of this layout.
+      params_snn: target tree of the same kind; its structure, shapes and dtypes are kept.
+      block_map: "first" (``min(j, d - 1)``, the reference), "uniform" or a callable
+        ``(stage, j, d, n) -> int`` (stage numbered from 1 as in ``stage1``, j the target block,
+        d and n the source and target block counts of that stage).
+      copy_shortcut: also map shortcut projections from the mapped source block (kept when
+        that block has none). Off by default: the reference leaves them at their fresh init.
+      copy_head: also map the head; needs the same number of classes, its input axis is
+        mapped cyclically. Off by default, as in the reference.
+      strict: raise ValueError on leaves that cannot be mapped (kernel spatial shapes or
+        classes that differ, a source leaf that is missing); with False they are kept and
+        reported.
+      return_report: return ``(tree, TransferReport)`` instead of the tree (not under
+        ``jit``: there, call ``transfer_report`` outside for the same report).
+
+    Leaves kept at the target's value (returned as the very same arrays): shortcut
+    projections and head unless asked for, paths outside the ResNet layout, and with
+    ``strict=False`` leaves that cannot be mapped. Nothing is modified in place; a copied
+    leaf whose shape and dtype already match is the source's (immutable) array itself.
+    """
+    report, ops, treedef = _plan(
+        params_ann, params_snn, block_map, copy_shortcut, copy_head, strict
+    )
+    targets = jax.tree_util.tree_leaves(params_snn)
+    leaves = [t if op is None else _map_leaf(*op, t) for op, t in zip(ops, targets, strict=True)]
+    tree = jax.tree_util.tree_unflatten(treedef, leaves)
+    return (tree, report) if return_report else tree
