@@ -409,25 +409,40 @@ def eval_batches(
 # --- On the device, inside the jitted step --------------------------------------------------------
 
 
-def _augment_params(rng: jax.Array, batch_size: int, crop_padding: int, flip: bool):
-    """Per-example crop offsets int32 (B, 2) in [0, 2 * crop_padding] and flips bool (B,)."""
-    crop_rng, flip_rng = jax.random.split(rng)
-    offsets = jax.random.randint(crop_rng, (batch_size, 2), 0, 2 * crop_padding + 1)
-    flips = jax.random.bernoulli(flip_rng, 0.5 if flip else 0.0, (batch_size,))
-    return offsets, flips
+def _augment_params(
+    rng: jax.Array, batch_size: int, crop_padding: int, flip: bool, example_offset=0
+):
+    """Per-example crop offsets int32 (B, 2) in [0, 2 * crop_padding] and flips bool (B,).
+
+    Example i draws from `fold_in(rng, example_offset + i)` alone, so a global batch split
+    over devices (each passing its offset) is augmented exactly as it is on one device.
+    """
+
+    def one(index):
+        crop_rng, flip_rng = jax.random.split(jax.random.fold_in(rng, index))
+        offset = jax.random.randint(crop_rng, (2,), 0, 2 * crop_padding + 1)
+        return offset, jax.random.bernoulli(flip_rng, 0.5 if flip else 0.0)
+
+    return jax.vmap(one)(example_offset + jnp.arange(batch_size))
 
 
 def augment(
-    rng: jax.Array, images: jax.Array, *, crop_padding: int = 4, flip: bool = True
+    rng: jax.Array,
+    images: jax.Array,
+    *,
+    crop_padding: int = 4,
+    flip: bool = True,
+    example_offset: int | jax.Array = 0,
 ) -> jax.Array:
     """Random crop of the zero-padded image and random horizontal flip, per example.
 
     images: (B, H, W, C), uint8 or float, raw pixels (pad before normalizing, as torchvision's
     RandomCrop does). Returns the same shape and dtype. Offsets are uniform in
     [0, 2 * crop_padding] on each axis; each image is flipped with probability 0.5 if `flip`.
+    `example_offset` is the index of `images[0]` in the global batch (see `_augment_params`).
     """
     batch, height, width, channels = images.shape
-    offsets, flips = _augment_params(rng, batch, crop_padding, flip)
+    offsets, flips = _augment_params(rng, batch, crop_padding, flip, example_offset)
     pad = ((crop_padding, crop_padding), (crop_padding, crop_padding), (0, 0))
 
     def one(image, offset, flip_it):
@@ -455,9 +470,12 @@ def preprocess(
     train: bool,
     crop_padding: int = 4,
     flip: bool = True,
+    example_offset: int | jax.Array = 0,
     dtype=jnp.float32,
 ) -> jax.Array:
     """Train: `augment` then `normalize`; eval: `normalize` only (`rng` unused). (B,H,W,C)."""
     if train:
-        images = augment(rng, images, crop_padding=crop_padding, flip=flip)
+        images = augment(
+            rng, images, crop_padding=crop_padding, flip=flip, example_offset=example_offset
+        )
     return normalize(images, info, dtype)

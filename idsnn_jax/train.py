@@ -117,8 +117,9 @@ def make_train_step(
     """Per-device train step `(state, batch, teacher_variables) -> (state, metrics)`.
 
     `batch` holds this device's uint8 images `(b, H, W, C)` and int labels `(b,)`;
-    augmentation runs here with an RNG folded from (state.rng, step, device index), so a
-    resumed run draws the same augmentations. `mode`: 'ann' and 'snn' train on
+    augmentation runs here, each example's draw folded from (state.rng, step, its index in
+    the global batch): a resumed run, or the same run on another number of devices, draws
+    the same augmentations. `mode`: 'ann' and 'snn' train on
     cross-entropy, 'idsnn' adds `kd_alpha * kd_loss` against `teacher` run in eval mode.
     Must run inside a mapped axis named `batch`.
     """
@@ -128,11 +129,15 @@ def make_train_step(
         raise ValueError("mode='idsnn' needs a teacher model")
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_variables: Any):
-        rng = jax.random.fold_in(
-            jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(AXIS)
-        )
+        local_batch = batch["label"].shape[0]
         images = input_pipeline.preprocess(
-            rng, batch["image"], info, train=True, crop_padding=crop_padding, flip=flip
+            jax.random.fold_in(state.rng, state.step),
+            batch["image"],
+            info,
+            train=True,
+            crop_padding=crop_padding,
+            flip=flip,
+            example_offset=jax.lax.axis_index(AXIS) * local_batch,
         )
         labels = batch["label"]
 

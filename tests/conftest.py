@@ -1,9 +1,20 @@
-"""Shared pytest fixtures. Data fixtures (prefix `data_`) write tiny datasets in the official
-on-disk formats, so tests never need a download."""
+"""Shared pytest setup. Data fixtures (prefix `data_`) write tiny datasets in the official
+on-disk formats, so tests never need a download.
+
+Every test process sees 4 CPU devices, so the data-parallel code paths (shard_map over 4
+devices, synchronized BatchNorm) run in every pipeline test; XLA_FLAGS must be set before
+JAX initializes its backend, hence here.
+"""
 
 from __future__ import annotations
 
-import io
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+).strip()
+
+import io  # noqa: E402
 import pathlib
 import pickle
 import struct
