@@ -26,7 +26,9 @@ def _weighted_mean(values: jax.Array, weights: jax.Array | None) -> jax.Array:
     if weights is None:
         return jnp.mean(values)
     weights = weights.astype(jnp.float32)
-    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    total = jnp.sum(weights)
+    # Guard only the all-zero case (e.g. a fully padded batch): a fractional total is valid.
+    return jnp.sum(values * weights) / jnp.where(total > 0, total, 1.0)
 
 
 def cross_entropy(
