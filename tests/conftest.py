@@ -127,3 +127,24 @@ def data_cifar10_dir(tmp_path: pathlib.Path) -> pathlib.Path:
 def data_cifar_writer():
     """`data_write_cifar`, for tests that write their own tiny archives."""
     return data_write_cifar
+
+
+def data_idx_bytes(array: np.ndarray) -> bytes:
+    """`array` as an IDX file of unsigned bytes (magic 0x0000080N, big-endian dims)."""
+    header = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    return header + array.astype(np.uint8).tobytes()
+
+
+@pytest.fixture
+def data_fashion_mnist_dir(tmp_path: pathlib.Path) -> pathlib.Path:
+    """A data_dir holding tiny raw Fashion-MNIST IDX files: 48 train and 12 test examples.
+
+    Each class c has images of mean brightness ~20 * c, so a small network can learn it.
+    """
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 48), ("t10k", 12)):
+        labels = np.arange(n) % 10
+        images = np.clip(rng.normal(20.0 * labels[:, None, None], 10.0, (n, 28, 28)), 0, 255)
+        (tmp_path / f"{prefix}-images-idx3-ubyte").write_bytes(data_idx_bytes(images))
+        (tmp_path / f"{prefix}-labels-idx1-ubyte").write_bytes(data_idx_bytes(labels))
+    return tmp_path

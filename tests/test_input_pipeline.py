@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import data_idx_bytes
 
 from idsnn_jax import input_pipeline as ip
 
@@ -183,11 +184,6 @@ def test_offline_path_never_imports_tensorflow(data_cifar10_dir):
 # --- Fashion-MNIST IDX -------------------------------------------------------------------------
 
 
-def _idx(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
-    return header + array.astype(np.uint8).tobytes()
-
-
 @pytest.mark.parametrize("gz", [True, False])
 def test_load_idx(tmp_path, gz):
     rng = np.random.default_rng(0)
@@ -196,9 +192,9 @@ def test_load_idx(tmp_path, gz):
     for stem, array in (("t10k-images-idx3-ubyte", images), ("t10k-labels-idx1-ubyte", labels)):
         if gz:
             with gzip.open(tmp_path / f"{stem}.gz", "wb") as f:
-                f.write(_idx(array))
+                f.write(data_idx_bytes(array))
         else:
-            (tmp_path / stem).write_bytes(_idx(array))
+            (tmp_path / stem).write_bytes(data_idx_bytes(array))
     loaded = ip.load_split("fashion_mnist", "test", str(tmp_path), max_examples=4)
     np.testing.assert_array_equal(loaded.images, images[:4, :, :, None])
     assert loaded.labels.dtype == np.int32 and loaded.labels.tolist() == [9, 0, 3, 3]
@@ -206,14 +202,14 @@ def test_load_idx(tmp_path, gz):
 
 def test_bad_idx_gives_clear_errors(tmp_path):
     labels = tmp_path / "train-labels-idx1-ubyte"
-    (tmp_path / "train-images-idx3-ubyte").write_bytes(_idx(np.zeros((2, 28, 28))))
-    labels.write_bytes(_idx(np.zeros((2, 1))))  # 2 dims where 1 is expected
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(data_idx_bytes(np.zeros((2, 28, 28))))
+    labels.write_bytes(data_idx_bytes(np.zeros((2, 1))))  # 2 dims where 1 is expected
     with pytest.raises(ValueError, match="bad IDX magic 00000802; expected 00000801"):
         ip.load_split("fashion_mnist", "train", str(tmp_path))
-    labels.write_bytes(_idx(np.zeros(3))[:-1])
+    labels.write_bytes(data_idx_bytes(np.zeros(3))[:-1])
     with pytest.raises(ValueError, match=r"do not match the IDX header dims \(3,\)"):
         ip.load_split("fashion_mnist", "train", str(tmp_path))
-    labels.write_bytes(_idx(np.zeros(3)))
+    labels.write_bytes(data_idx_bytes(np.zeros(3)))
     with pytest.raises(ValueError, match="2 train images but 3 labels"):
         ip.load_split("fashion_mnist", "train", str(tmp_path))
 
