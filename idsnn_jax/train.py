@@ -296,7 +296,7 @@ def fit(
     config, mesh, info = ctx.config, ctx.mesh, ctx.info
     steps_per_epoch = input_pipeline.num_train_steps(len(ctx.train_split), config.batch_size)
     tx, schedule = create_optimizer(config.optimizer, steps_per_epoch, num_epochs)
-    seed = config.seed + zlib_hash(stage)
+    seed = _stage_seed(config.seed, stage)
     state = replicate(create_train_state(variables, tx, seed), mesh)
     ckpt = StageCheckpoints(os.path.join(ctx.workdir, stage), keep=config.checkpoint_keep)
     history: list[dict[str, float]] = []
@@ -398,6 +398,6 @@ def _check_finite(
     return out
 
 
-def zlib_hash(name: str) -> int:
-    """A stable small integer per stage name, so stages draw independent RNG streams."""
-    return zlib.crc32(name.encode()) % 2**16
+def _stage_seed(seed: int, stage: str) -> int:
+    """`seed` offset by a stable hash of the stage name: independent RNG streams per stage."""
+    return seed + zlib.crc32(stage.encode()) % 2**16
