@@ -29,14 +29,18 @@ _BATCH = flags.DEFINE_integer("batch", 64, "Global batch size.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after 2 warm-up steps).")
 _TIME_STEPS = flags.DEFINE_integer("time_steps", 4, "T for spiking models.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-_DISTILL = flags.DEFINE_bool("distill", False, "Time spiking models in mode 'idsnn' (with a "
-                             "resnet34 teacher of the same width).")
+_DISTILL = flags.DEFINE_bool(
+    "distill",
+    False,
+    "Time spiking models in mode 'idsnn' (with a resnet34 teacher of the same width).",
+)
 _JSON = flags.DEFINE_string("json", None, "Write the rows here as JSON.")
 
 
 def _build(name: str, info: input_pipeline.DatasetInfo, dtype) -> tuple:
-    kwargs = dict(num_classes=info.num_classes, width=_WIDTH.value, dtype=dtype,
-                  bn_axis_name=train.AXIS)
+    kwargs = dict(
+        num_classes=info.num_classes, width=_WIDTH.value, dtype=dtype, bn_axis_name=train.AXIS
+    )
     if is_spiking(name):
         kwargs["time_steps"] = _TIME_STEPS.value
     model = create_model(name, **kwargs)
@@ -75,10 +79,16 @@ def time_model(name: str) -> dict:
     jax.block_until_ready(metrics)
     seconds = time.perf_counter() - start
     return {
-        "model": name, "mode": mode, "width": _WIDTH.value, "image": f"{h}x{w}x{c}",
-        "time_steps": _TIME_STEPS.value if is_spiking(name) else 1, "batch": _BATCH.value,
-        "dtype": _DTYPE.value, "devices": jax.device_count(),
-        "platform": jax.devices()[0].platform, "compile_s": round(compile_s, 2),
+        "model": name,
+        "mode": mode,
+        "width": _WIDTH.value,
+        "image": f"{h}x{w}x{c}",
+        "time_steps": _TIME_STEPS.value if is_spiking(name) else 1,
+        "batch": _BATCH.value,
+        "dtype": _DTYPE.value,
+        "devices": jax.device_count(),
+        "platform": jax.devices()[0].platform,
+        "compile_s": round(compile_s, 2),
         "step_ms": round(1000 * seconds / _STEPS.value, 2),
         "images_per_s": round(_STEPS.value * _BATCH.value / seconds, 1),
     }

@@ -161,10 +161,12 @@ def _model(config: ml_collections.ConfigDict, role: str, num_classes: int):
     return create_model(cfg.model, **kwargs)
 
 
-def _teacher(ctx: train.RunContext) -> tuple[Any, dict[str, Any], float | None]:
+def train_teacher(ctx: train.RunContext) -> tuple[Any, dict[str, Any], float | None]:
     """Stage 1: (teacher model, its variables on host, its best test accuracy or None).
 
-    A trained teacher's best-accuracy checkpoint is what the student learns from.
+    Trains the teacher in `<workdir>/teacher` (resuming, or returning at once when done),
+    or loads `config.teacher.checkpoint`. The best-accuracy checkpoint is what the student
+    learns from.
     """
     config, info = ctx.config, ctx.info
     model = _model(config, "teacher", info.num_classes)
@@ -220,11 +222,10 @@ def _student(
     )
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs (or resumes) the whole pipeline; returns and writes `summary.json`."""
+def create_context(config: ml_collections.ConfigDict, workdir: str) -> train.RunContext:
+    """Validates `config`, loads both splits and sets up the mesh and the metric writer."""
     setup_logging()
     validate_config(config)
-    start = time.time()
     info = input_pipeline.dataset_info(config.dataset)
     train_split, test_split = (
         input_pipeline.load_split(
@@ -239,14 +240,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         len(test_split),
         jax.device_count(),
     )
-    writer = MetricLogger(workdir)
-    ctx = train.RunContext(
-        config, workdir, train_split, test_split, info, train.create_mesh(), writer
+    return train.RunContext(
+        config, workdir, train_split, test_split, info, train.create_mesh(), MetricLogger(workdir)
     )
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) the whole pipeline; returns and writes `summary.json`."""
+    start = time.time()
+    ctx = create_context(config, workdir)
     summary: dict[str, Any] = {"dataset": config.dataset}
     teacher = None
     if config.init_from_teacher or config.distill:
-        *teacher, summary["teacher_best_accuracy"] = _teacher(ctx)
+        *teacher, summary["teacher_best_accuracy"] = train_teacher(ctx)
     students = [("student", config.init_from_teacher, config.distill)]
     if config.compare_baseline:
         students.append(("baseline", False, False))
@@ -255,7 +261,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         summary[f"{stage}_best_accuracy"] = result.best_accuracy
         summary[f"{stage}_last_accuracy"] = result.last_accuracy
         summary[f"{stage}_epochs"] = len(result.history)
-    writer.close()
+    ctx.writer.close()
     summary["wall_seconds"] = time.time() - start
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
