@@ -66,64 +66,59 @@ def conv(
     )
 
 
-class BasicBlock(nn.Module):
+class Block(nn.Module):
+    """What both residual blocks share: their fields and the residual merge."""
+
+    features: int
+    strides: int
+    conv: ModuleDef
+    norm: ModuleDef
+    act: ModuleDef
+    sew: bool = False
+
+    def merge(self, x: jax.Array, y: jax.Array, act_name: str) -> jax.Array:
+        """Adds the (projected if the shape changes) shortcut and applies the last activation."""
+        shortcut = x
+        if x.shape != y.shape:
+            shortcut = self.conv(y.shape[-1], 1, self.strides, name="shortcut_conv")(x)
+            shortcut = self.norm(name="shortcut_bn")(shortcut)
+            if self.sew:
+                shortcut = self.act(name="shortcut_act")(shortcut)
+        if self.sew:
+            return self.act(name=act_name)(y) + shortcut
+        return self.act(name=act_name)(y + shortcut)
+
+
+class BasicBlock(Block):
     """Two 3x3 convs. Standard: `act(bn2(conv2(act(bn1(conv1 x)))) + sc(x))`.
 
     With `sew=True` (SEW-ResNet, ADD): `act(bn2(conv2(...))) + sc(x)` where a projection
     shortcut is `act(bn(conv1x1 x))`, so both summands are spikes.
     """
 
-    features: int
-    strides: int
-    conv: ModuleDef
-    norm: ModuleDef
-    act: ModuleDef
-    sew: bool = False
     expansion = 1
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.act(name="act1")(
-            self.norm(name="bn1")(self.conv(self.features, 3, self.strides, name="conv1")(x))
-        )
+        y = self.conv(self.features, 3, self.strides, name="conv1")(x)
+        y = self.act(name="act1")(self.norm(name="bn1")(y))
         y = self.norm(name="bn2")(self.conv(self.features, 3, name="conv2")(y))
-        return _merge(self, x, y, "act2")
+        return self.merge(x, y, "act2")
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(Block):
     """1x1 -> 3x3 (strided) -> 1x1 with 4x expansion (ResNet50 and deeper)."""
 
-    features: int
-    strides: int
-    conv: ModuleDef
-    norm: ModuleDef
-    act: ModuleDef
-    sew: bool = False
     expansion = 4
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.act(name="act1")(
-            self.norm(name="bn1")(self.conv(self.features, 1, name="conv1")(x))
-        )
+        y = self.conv(self.features, 1, name="conv1")(x)
+        y = self.act(name="act1")(self.norm(name="bn1")(y))
         y = self.conv(self.features, 3, self.strides, name="conv2")(y)
         y = self.act(name="act2")(self.norm(name="bn2")(y))
-        y = self.conv(self.features * 4, 1, name="conv3")(y)
-        y = self.norm(name="bn3")(y)
-        return _merge(self, x, y, "act3")
-
-
-def _merge(block: BasicBlock | Bottleneck, x: jax.Array, y: jax.Array, act_name: str) -> jax.Array:
-    """Adds the (projected if the shape changes) shortcut and applies the last activation."""
-    shortcut = x
-    if x.shape != y.shape:
-        shortcut = block.conv(y.shape[-1], 1, block.strides, name="shortcut_conv")(x)
-        shortcut = block.norm(name="shortcut_bn")(shortcut)
-        if block.sew:
-            shortcut = block.act(name="shortcut_act")(shortcut)
-    if block.sew:
-        return block.act(name=act_name)(y) + shortcut
-    return block.act(name=act_name)(y + shortcut)
+        y = self.norm(name="bn3")(self.conv(self.features * 4, 1, name="conv3")(y))
+        return self.merge(x, y, "act3")
 
 
 class Stem(nn.Module):
