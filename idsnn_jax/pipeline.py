@@ -210,7 +210,14 @@ def _student(
             copy_shortcut=config.copy_shortcut,
             return_report=True,
         )
-        logger.info("[%s] initialized from the teacher:\n%s", stage, report)
+        path = os.path.join(ctx.workdir, f"{stage}_transfer_report.txt")
+        if jax.process_index() == 0:
+            os.makedirs(ctx.workdir, exist_ok=True)
+            with open(path, "w") as f:
+                f.write(f"{report}\n")
+        logger.info(
+            "[%s] initialized from the teacher (every leaf: %s):\n%s", stage, path, report.summary()
+        )
     return train.fit(
         ctx,
         stage=stage,

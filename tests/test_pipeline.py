@@ -79,6 +79,8 @@ def test_pipeline_on_cifar_archive_then_rerun_skips(data_cifar10_dir, tmp_path):
         assert os.listdir(workdir / stage / "last") and os.listdir(workdir / stage / "best")
         assert os.listdir(workdir / "tensorboard" / stage)
     assert json.loads((workdir / "summary.json").read_text()) == summary
+    report = (workdir / "student_transfer_report.txt").read_text()
+    assert report.startswith("transfer: ") and "params/stem/conv/kernel" in report
     assert summary["student_best_accuracy"] == records[1]["test_accuracy"]
 
     again = pipeline.run(config, str(workdir))  # both stages finished: nothing retrains
