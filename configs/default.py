@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data_dir = ml_collections.config_dict.placeholder(str)  # None: default places, then TFDS
     config.seed = 0
     config.batch_size = 64  # global, over all devices
-    config.eval_batch_size = 500
+    config.eval_batch_size = 512  # divides evenly over 1, 2, 4, 8, ... devices
     config.max_train_examples = ml_collections.config_dict.placeholder(int)  # None: all
     config.max_test_examples = ml_collections.config_dict.placeholder(int)
     config.dtype = "float32"  # compute dtype; parameters stay float32

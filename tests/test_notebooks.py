@@ -64,6 +64,7 @@ def test_quickstart_runs_top_to_bottom(tmp_path, monkeypatch):
         )
     path = NOTEBOOKS / "quickstart.ipynb"
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("IDSNN_QUICKSTART_TINY", "1")  # one epoch on 512 images
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the notebook's workdir goes here
     monkeypatch.setattr(urllib.request, "urlretrieve", _forbidden("download"))
     monkeypatch.setattr(urllib.request, "urlopen", _forbidden("download"))
