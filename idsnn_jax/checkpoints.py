@@ -1,7 +1,7 @@
 """Per-stage orbax checkpoints: resume where a run stopped, keep the best, reuse a teacher.
 
 Layout under a stage directory (e.g. `<workdir>/teacher`):
-  `last/<epoch>/{state,meta}`: the newest `keep` epochs, for resuming;
+  `last/<epoch>/{state,meta}`: the newest `keep` saved epochs, for resuming;
   `best/<epoch>/{state,meta}`: the epoch with the best test accuracy so far.
 `state` is the whole `TrainState`; `meta` (JSON) is the epoch and the metric history.
 Orbax writes each checkpoint into a temporary directory and renames it when complete,
@@ -40,12 +40,12 @@ class StageCheckpoints:
         """`(state, meta)` of the best-accuracy checkpoint, or None."""
         return _restore(self.best, target)
 
-    def save(self, epoch: int, state: Any, meta: dict[str, Any], *, is_best: bool) -> None:
-        """Saves `state` after `epoch` (1-based) to `last/`, and to `best/` if `is_best`."""
+    def save(self, epoch: int, state: Any, meta: dict[str, Any], *, last: bool, best: bool) -> None:
+        """Saves `state` after `epoch` (1-based) to `last/` and/or `best/`."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self.last.save(epoch, args=args)
-        if is_best:
-            self.best.save(epoch, args=args)
+        for wanted, manager in ((last, self.last), (best, self.best)):
+            if wanted:
+                manager.save(epoch, args=args)
 
     def close(self) -> None:
         """Waits for pending asynchronous saves and releases the managers."""

@@ -133,6 +133,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         ">= 0",
     )
     _require(
+        _positive_int(config.checkpoint_every_epochs),
+        "checkpoint_every_epochs",
+        config.checkpoint_every_epochs,
+        "an integer >= 1",
+    )
+    _require(
         _positive_int(config.checkpoint_keep),
         "checkpoint_keep",
         config.checkpoint_keep,

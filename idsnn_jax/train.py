@@ -291,7 +291,8 @@ def fit(
     order and RNG stream, so the result equals an uninterrupted run) and returns at once
     when the stage already finished. Uses `config.batch_size` (global), `seed`,
     `optimizer`, `augment`, `kd_alpha`, `kd_tau`, `eval_batch_size`, `checkpoint_keep`,
-    `log_every_steps`. Raises FloatingPointError naming the step if the loss diverges.
+    `checkpoint_every_epochs`, `log_every_steps`. Raises FloatingPointError naming the step
+    if the loss diverges.
     """
     config, mesh, info = ctx.config, ctx.mesh, ctx.info
     steps_per_epoch = input_pipeline.num_train_steps(len(ctx.train_split), config.batch_size)
@@ -334,7 +335,14 @@ def fit(
             is_best = all(record["test_accuracy"] > r["test_accuracy"] for r in history)
             history.append(record)
             ctx.writer.write(stage, epoch + 1, record)
-            ckpt.save(epoch + 1, state, {"epoch": epoch + 1, "history": history}, is_best=is_best)
+            periodic = (epoch + 1) % config.checkpoint_every_epochs == 0
+            ckpt.save(
+                epoch + 1,
+                state,
+                {"epoch": epoch + 1, "history": history},
+                last=periodic or epoch + 1 == num_epochs,
+                best=is_best,
+            )
     finally:
         ckpt.close()
     return FitResult(state, history)

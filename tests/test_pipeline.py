@@ -197,6 +197,7 @@ def test_resume_after_crash_equals_uninterrupted_run(data_fashion_mnist_dir, tmp
         ("optimizer.momentum", 1.5),
         ("max_train_examples", 4),  # fewer than one batch
         ("dtype", "float16"),
+        ("checkpoint_every_epochs", 0),
     ],
 )
 def test_invalid_config_names_the_key(key, value, tmp_path):
