@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -28,8 +29,14 @@ DATASETS = ("cifar10", "cifar100", "fashion_mnist")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def _require(ok: bool, key: str, value: Any, expected: str) -> None:
-    if not ok:
+def _check(
+    config: ml_collections.ConfigDict, key: str, ok: Callable[[Any], bool], expected: str
+) -> None:
+    """Raises ValueError naming the dotted `key` unless `ok(config.<key>)`."""
+    value = config
+    for name in key.split("."):
+        value = value[name]
+    if not ok(value):
         raise ValueError(f"config.{key}={value!r} is invalid: expected {expected}")
 
 
@@ -37,119 +44,68 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def _increasing_epochs(values: Any) -> bool:
+    values = list(values)
+    return all(isinstance(m, int) and m > 0 for m in values) and values == sorted(values)
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks every value `run` uses before any work; a ValueError names the bad key."""
-    _require(config.dataset in DATASETS, "dataset", config.dataset, f"one of {DATASETS}")
     devices = jax.device_count()
+    _check(config, "dataset", lambda v: v in DATASETS, f"one of {DATASETS}")
     for key in ("batch_size", "eval_batch_size"):
-        value = config[key]
-        _require(_positive_int(value), key, value, "an integer >= 1")
-        _require(value % devices == 0, key, value, f"a multiple of the {devices} devices")
-    _require(
-        config.max_train_examples is None or config.max_train_examples >= config.batch_size,
+        _check(config, key, _positive_int, "an integer >= 1")
+        _check(config, key, lambda v: v % devices == 0, f"a multiple of the {devices} devices")
+    _check(
+        config,
         "max_train_examples",
-        config.max_train_examples,
+        lambda v: v is None or v >= config.batch_size,
         "None or >= batch_size",
     )
-    _require(
-        config.max_test_examples is None or _positive_int(config.max_test_examples),
+    _check(
+        config,
         "max_test_examples",
-        config.max_test_examples,
+        lambda v: v is None or _positive_int(v),
         "None or an integer >= 1",
     )
-    _require(config.dtype in DTYPES, "dtype", config.dtype, f"one of {sorted(DTYPES)}")
+    _check(config, "dtype", lambda v: v in DTYPES, f"one of {sorted(DTYPES)}")
     for role in ("teacher", "student"):
-        cfg = config[role]
-        _require(cfg.model in MODELS, f"{role}.model", cfg.model, f"one of {sorted(MODELS)}")
-        _require(cfg.width > 0, f"{role}.width", cfg.width, "> 0")
-        _require(
-            isinstance(cfg.num_epochs, int) and cfg.num_epochs >= 0,
+        _check(config, f"{role}.model", lambda v: v in MODELS, f"one of {sorted(MODELS)}")
+        _check(config, f"{role}.width", lambda v: v > 0, "> 0")
+        _check(
+            config,
             f"{role}.num_epochs",
-            cfg.num_epochs,
+            lambda v: isinstance(v, int) and v >= 0,
             "an integer >= 0",
         )
-    _require(
-        not is_spiking(config.teacher.model),
-        "teacher.model",
-        config.teacher.model,
-        "an ANN (resnet*)",
-    )
-    _require(
-        is_spiking(config.student.model),
-        "student.model",
-        config.student.model,
-        "a spiking model (spiking_* or sew_*)",
-    )
-    _require(
-        _positive_int(config.student.time_steps),
-        "student.time_steps",
-        config.student.time_steps,
-        "an integer >= 1",
-    )
-    _require(
-        config.student.num_epochs >= 1, "student.num_epochs", config.student.num_epochs, ">= 1"
-    )
-    uses_teacher = config.init_from_teacher or config.distill
-    checkpoint = config.teacher.checkpoint
-    if uses_teacher and checkpoint:
-        _require(os.path.exists(checkpoint), "teacher.checkpoint", checkpoint, "an existing path")
-    elif uses_teacher:
-        _require(
-            config.teacher.num_epochs >= 1,
-            "teacher.num_epochs",
-            config.teacher.num_epochs,
-            ">= 1 (or set teacher.checkpoint)",
-        )
-    _require(
-        config.block_map in ("first", "uniform"),
-        "block_map",
-        config.block_map,
-        "'first' or 'uniform'",
-    )
-    _require(config.kd_alpha >= 0, "kd_alpha", config.kd_alpha, ">= 0")
-    _require(config.kd_tau > 0, "kd_tau", config.kd_tau, "> 0")
-    opt = config.optimizer
-    _require(opt.learning_rate > 0, "optimizer.learning_rate", opt.learning_rate, "> 0")
-    _require(0 <= opt.momentum < 1, "optimizer.momentum", opt.momentum, "in [0, 1)")
-    _require(opt.weight_decay >= 0, "optimizer.weight_decay", opt.weight_decay, ">= 0")
-    _require(0 < opt.lr_gamma <= 1, "optimizer.lr_gamma", opt.lr_gamma, "in (0, 1]")
-    _require(
-        isinstance(opt.lr_interval, int) and opt.lr_interval >= 0,
+    _check(config, "teacher.model", lambda v: not is_spiking(v), "an ANN (resnet*)")
+    _check(config, "student.model", is_spiking, "a spiking model (spiking_* or sew_*)")
+    _check(config, "student.time_steps", _positive_int, "an integer >= 1")
+    _check(config, "student.num_epochs", lambda v: v >= 1, ">= 1")
+    if config.init_from_teacher or config.distill:
+        if config.teacher.checkpoint:
+            _check(config, "teacher.checkpoint", os.path.exists, "an existing path")
+        else:
+            _check(
+                config, "teacher.num_epochs", lambda v: v >= 1, ">= 1 (or set teacher.checkpoint)"
+            )
+    _check(config, "block_map", lambda v: v in ("first", "uniform"), "'first' or 'uniform'")
+    _check(config, "kd_alpha", lambda v: v >= 0, ">= 0")
+    _check(config, "kd_tau", lambda v: v > 0, "> 0")
+    _check(config, "optimizer.learning_rate", lambda v: v > 0, "> 0")
+    _check(config, "optimizer.momentum", lambda v: 0 <= v < 1, "in [0, 1)")
+    _check(config, "optimizer.weight_decay", lambda v: v >= 0, ">= 0")
+    _check(config, "optimizer.lr_gamma", lambda v: 0 < v <= 1, "in (0, 1]")
+    _check(
+        config,
         "optimizer.lr_interval",
-        opt.lr_interval,
+        lambda v: isinstance(v, int) and v >= 0,
         "an integer >= 0 (0: use lr_milestones)",
     )
-    milestones = list(opt.lr_milestones)
-    _require(
-        all(isinstance(m, int) and m > 0 for m in milestones) and milestones == sorted(milestones),
-        "optimizer.lr_milestones",
-        opt.lr_milestones,
-        "increasing positive epochs",
-    )
-    _require(
-        config.augment.crop_padding >= 0,
-        "augment.crop_padding",
-        config.augment.crop_padding,
-        ">= 0",
-    )
-    _require(
-        _positive_int(config.checkpoint_every_epochs),
-        "checkpoint_every_epochs",
-        config.checkpoint_every_epochs,
-        "an integer >= 1",
-    )
-    _require(
-        _positive_int(config.checkpoint_keep),
-        "checkpoint_keep",
-        config.checkpoint_keep,
-        "an integer >= 1",
-    )
-    _require(
-        _positive_int(config.log_every_steps),
-        "log_every_steps",
-        config.log_every_steps,
-        "an integer >= 1",
-    )
+    _check(config, "optimizer.lr_milestones", _increasing_epochs, "increasing positive epochs")
+    _check(config, "augment.crop_padding", lambda v: v >= 0, ">= 0")
+    for key in ("checkpoint_every_epochs", "checkpoint_keep", "log_every_steps"):
+        _check(config, key, _positive_int, "an integer >= 1")
 
 
 def _model(config: ml_collections.ConfigDict, role: str, num_classes: int):
