@@ -160,7 +160,7 @@ class ResNet(nn.Module):
     """
 
     stage_sizes: Sequence[int]
-    block_cls: type[BasicBlock] | type[Bottleneck]
+    block_cls: type[Block]
     num_classes: int
     width: float = 1.0
     time_steps: int = 1

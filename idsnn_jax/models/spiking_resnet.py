@@ -95,7 +95,7 @@ def spiking_resnet(
     )
 
 
-def firing_rates(intermediates: Any) -> dict[str, float]:
+def firing_rates(intermediates: Any) -> dict[str, jax.Array]:
     """`{'stage1/block0/act1': rates (B,), ...}` from the `intermediates` of a forward pass."""
     flat = traverse_util.flatten_dict(intermediates, sep="/")
     suffix = "/firing_rate"
