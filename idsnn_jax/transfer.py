@@ -23,21 +23,22 @@ runs under ``jax.jit`` with its options static, and ``transfer_report`` accepts 
 from __future__ import annotations
 
 import dataclasses
-import numbers
-import re
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-BlockMap = str | Callable[[int, int, int, int], int]
-
-_STAGE = re.compile(r"stage(\d+)")
-_BLOCK = re.compile(r"block(\d+)")
-_STEM_KERNEL = "stem/conv/kernel"
+from idsnn_jax.resnet_paths import (
+    BlockMap,
+    block_table,
+    common_kind,
+    flatten,
+    source_path,
+    split_path,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,60 +87,6 @@ class _Mismatch(Exception):
     """A source leaf whose shape cannot be mapped onto the target leaf."""
 
 
-def _flatten(tree: Any) -> tuple[list[str], list[Any], Any]:
-    """Paths ("a/b/c"), leaves and treedef of a nested-dict pytree (dict or FrozenDict)."""
-    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    paths = ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in with_path]
-    return paths, [leaf for _, leaf in with_path], treedef
-
-
-def _kind(tree: Any, name: str) -> str:
-    """'variables' for {"params": ..., ...}, 'params' for a bare parameter tree."""
-    if not isinstance(tree, Mapping):
-        raise TypeError(f"{name} must be a ResNet params tree or variables dict, got {type(tree)}")
-    if "params" in tree:
-        return "variables"
-    if "stem" in tree:
-        return "params"
-    raise ValueError(
-        f"{name} is not a ResNet tree: it has neither 'params' (a variables dict) nor 'stem' "
-        f"(a params tree) at the top; top-level keys: {sorted(map(str, tree))}"
-    )
-
-
-def _split(path: str, kind: str) -> tuple[str, list[str]]:
-    """('params/', ['stem', 'conv', 'kernel']) for 'params/stem/conv/kernel' in a variables dict."""
-    parts = path.split("/")
-    return ("", parts) if kind == "params" else (parts[0] + "/", parts[1:])
-
-
-def _block_counts(paths: list[str], kind: str, name: str) -> dict[int, int]:
-    """Stage number -> number of blocks, checking that blocks are numbered 0..n-1."""
-    found: dict[int, set[int]] = {}
-    for path in paths:
-        rest = _split(path, kind)[1]
-        if len(rest) > 1 and _STAGE.fullmatch(rest[0]) and _BLOCK.fullmatch(rest[1]):
-            found.setdefault(int(rest[0][5:]), set()).add(int(rest[1][5:]))
-    for s, blocks in found.items():
-        if blocks != set(range(len(blocks))):
-            raise ValueError(f"{name} stage{s} has blocks {sorted(blocks)}: expected block0..")
-    return {s: len(blocks) for s, blocks in sorted(found.items())}
-
-
-def _chooser(block_map: BlockMap) -> Callable[[int, int, int, int], int]:
-    """The block rule (stage, j, d, n) -> source block index."""
-    if callable(block_map):
-        return block_map
-    if block_map == "first":
-        return lambda s, j, d, n: min(j, d - 1)
-    if block_map == "uniform":  # round(j * (d - 1) / (n - 1)), half up, in integers
-        return lambda s, j, d, n: 0 if n == 1 else (2 * j * (d - 1) + n - 1) // (2 * (n - 1))
-    raise ValueError(
-        f"unknown block_map {block_map!r}: use 'first', 'uniform' or a callable "
-        "(stage, j, d, n) -> int"
-    )
-
-
 def _takes(src: tuple[int, ...], dst: tuple[int, ...], head: bool) -> tuple[tuple[int, int], ...]:
     """(axis, size) pairs to map cyclically; raises _Mismatch for axes that must be equal.
 
@@ -182,6 +129,47 @@ def _map_leaf(x: Any, takes: tuple[tuple[int, int], ...], like: Any) -> jax.Arra
     return jax.device_put(y.astype(like.dtype), getattr(like, "sharding", None))
 
 
+_Op = tuple[Any, tuple[tuple[int, int], ...]]  # (source leaf, cyclic takes) of a copied leaf
+
+
+def _entry(
+    path: str,
+    leaf: Any,
+    src_path: str | None,
+    reason: str | None,
+    src: Mapping[str, Any],
+    head: bool,
+) -> tuple[TransferEntry, _Op | None, str | None]:
+    """One target leaf's report entry, its op (None: kept) and, if the source leaf is missing
+    or its shape cannot be mapped (``_takes``), the problem that ``strict`` raises on."""
+    if src_path is None:
+        return TransferEntry(path, None, "kept", reason), None, None
+    if src_path not in src:
+        problem = f"target '{path}' maps to source '{src_path}', which is missing"
+        return TransferEntry(path, None, "kept", f"no source leaf '{src_path}'"), None, problem
+    s_shape, d_shape = tuple(src[src_path].shape), tuple(leaf.shape)
+    try:
+        takes = _takes(s_shape, d_shape, head)
+    except _Mismatch as err:
+        problem = f"cannot map source '{src_path}' {s_shape} -> target '{path}' {d_shape}: {err}"
+        why = f"shape mismatch: {err} ({s_shape} vs {d_shape})"
+        return TransferEntry(path, None, "kept", why), None, problem
+    detail = f"cyclic {d_shape} <- {s_shape}" if takes else "same shape"
+    if src[src_path].dtype != leaf.dtype:
+        detail += f", {src[src_path].dtype} -> {leaf.dtype}"
+    return TransferEntry(path, src_path, "copied", detail), (src[src_path], takes), None
+
+
+def _unmappable(problems: list[tuple[str, str]]) -> ValueError:
+    """The ``strict`` error: parameters first (a kernel says more than its BN statistics)."""
+    lines = [msg for _, msg in sorted(problems, key=lambda p: p[0].startswith("batch_stats"))]
+    more = [f"... and {len(lines) - 8} more"] if len(lines) > 8 else []
+    return ValueError(
+        f"{len(lines)} target leaves cannot be mapped (strict=False keeps them and lists "
+        "them in the report):\n  " + "\n  ".join(lines[:8] + more)
+    )
+
+
 def _plan(
     source: Any,
     target: Any,
@@ -189,89 +177,29 @@ def _plan(
     copy_shortcut: bool,
     copy_head: bool,
     strict: bool,
-) -> tuple[TransferReport, list[tuple[Any, tuple[tuple[int, int], ...]] | None], Any]:
-    """The report, per target leaf either None (kept) or (source leaf, cyclic takes), treedef."""
-    kind, src_kind = _kind(target, "target"), _kind(source, "source")
-    if kind != src_kind:
-        raise ValueError(
-            f"source is a {src_kind} tree but target is a {kind} tree: pass both as full "
-            "variables dicts ({'params': ..., 'batch_stats': ...}, BN statistics mapped too) "
-            "or both as params trees (variables['params'])"
-        )
-    src_paths, src_leaves, _ = _flatten(source)
-    dst_paths, dst_leaves, treedef = _flatten(target)
-    src = dict(zip(src_paths, src_leaves, strict=True))
-    stem = ("params/" if kind == "variables" else "") + _STEM_KERNEL
-    for name, paths in (("source", src), ("target", dst_paths)):
-        if stem not in paths:
-            raise ValueError(
-                f"{name} has no '{stem}': expected the ResNet layout stem/conv, stem/bn, "
-                "stage{s}/block{j}/{conv1,bn1,...}, head"
-            )
-    src_blocks = _block_counts(src_paths, kind, "source")
-    dst_blocks = _block_counts(dst_paths, kind, "target")
-    choose, block_of = _chooser(block_map), {}
-    for s, n in dst_blocks.items():
-        if s not in src_blocks:
-            raise ValueError(f"target has stage{s} but source has only stages {list(src_blocks)}")
-        d = src_blocks[s]
-        for j in range(n):
-            m = choose(s, j, d, n)
-            if not isinstance(m, numbers.Integral) or not 0 <= m < d:  # NumPy ints are fine
-                raise ValueError(
-                    f"block_map returned {m!r} for target stage{s}/block{j}; source stage{s} "
-                    f"has d={d} blocks, so it must be an int in [0, {d})"
-                )
-            block_of[(s, j)] = int(m)
+) -> tuple[TransferReport, list[_Op | None], Any]:
+    """The report, per target leaf either None (kept) or (source leaf, cyclic takes), treedef.
 
+    A walk over the target's leaves: ``source_path`` (the rule) names each one's source or
+    why it is kept, ``_entry`` checks that source leaf and its shape; ``strict`` raises on
+    the leaves that failed that check.
+    """
+    src_paths, src_leaves, _ = flatten(source)
+    dst_paths, dst_leaves, treedef = flatten(target)
+    kind = common_kind(source, target, src_paths, dst_paths)
+    block_of = block_table(src_paths, dst_paths, kind, block_map)
+    src = dict(zip(src_paths, src_leaves, strict=True))
     entries, ops, problems = [], [], []
     for path, leaf in zip(dst_paths, dst_leaves, strict=True):
-        coll, rest = _split(path, kind)
-        head, reason, src_path = rest[0] == "head", None, None
-        if rest[0] == "stem":
-            src_path = path
-        elif head:
-            src_path = path if copy_head else None
-            reason = None if copy_head else "head (copy_head=False)"
-        elif len(rest) > 2 and _STAGE.fullmatch(rest[0]) and _BLOCK.fullmatch(rest[1]):
-            s, j = int(rest[0][5:]), int(rest[1][5:])
-            src_path = "/".join([coll + rest[0], f"block{block_of[(s, j)]}", *rest[2:]])
-            if rest[2].startswith("shortcut"):
-                if not copy_shortcut:
-                    src_path, reason = None, "shortcut projection (copy_shortcut=False)"
-                elif src_path not in src:
-                    src_path, reason = None, "source block has no projection"
-        else:
-            reason = "no mapping rule for this path"
-        if src_path is not None and src_path not in src:
-            problems.append(
-                (path, f"target '{path}' maps to source '{src_path}', which is missing")
-            )
-            src_path, reason = None, f"no source leaf '{src_path}'"
-        if src_path is not None:
-            s_shape, d_shape = tuple(src[src_path].shape), tuple(leaf.shape)
-            try:
-                takes = _takes(s_shape, d_shape, head)
-            except _Mismatch as err:
-                msg = f"source '{src_path}' {s_shape} -> target '{path}' {d_shape}: {err}"
-                problems.append((path, "cannot map " + msg))
-                src_path, reason = None, f"shape mismatch: {err} ({s_shape} vs {d_shape})"
-        if src_path is None:
-            entries.append(TransferEntry(path, None, "kept", reason))
-            ops.append(None)
-            continue
-        detail = f"cyclic {d_shape} <- {s_shape}" if takes else "same shape"
-        if src[src_path].dtype != leaf.dtype:
-            detail += f", {src[src_path].dtype} -> {leaf.dtype}"
-        entries.append(TransferEntry(path, src_path, "copied", detail))
-        ops.append((src[src_path], takes))
-    if strict and problems:  # parameters first: a kernel says more than its BN statistics
-        lines = [msg for _, msg in sorted(problems, key=lambda p: p[0].startswith("batch_stats"))]
-        more = [f"... and {len(lines) - 8} more"] if len(lines) > 8 else []
-        raise ValueError(
-            f"{len(lines)} target leaves cannot be mapped (strict=False keeps them and lists "
-            "them in the report):\n  " + "\n  ".join(lines[:8] + more)
-        )
+        src_path, reason = source_path(path, kind, block_of, src, copy_shortcut, copy_head)
+        head = split_path(path, kind)[1][0] == "head"
+        entry, op, problem = _entry(path, leaf, src_path, reason, src, head)
+        entries.append(entry)
+        ops.append(op)
+        if problem is not None:
+            problems.append((path, problem))
+    if strict and problems:
+        raise _unmappable(problems)
     return TransferReport(tuple(entries)), ops, treedef
 
 

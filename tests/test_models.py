@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 import flax.linen as nn
@@ -9,17 +10,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import references as ref
 from flax import traverse_util
 
 from idsnn_jax.models import (
     LIF,
     MODELS,
+    BasicBlock,
+    Bottleneck,
     ResNet,
     create_model,
     firing_rates,
     is_spiking,
     spiking_resnet,
 )
+from idsnn_jax.models.resnet import ReLU, conv
 
 W = 0.0625  # tiny width multiplier: 4, 8, 16, 32 channels
 
@@ -172,6 +177,57 @@ def test_stage_widths_and_strides():
     assert v["params"]["head"]["kernel"].shape == (64, 10)
 
 
+def _block_params(block_cls, strides, in_channels, features, hw):
+    """Parameter paths of one block initialized on a (1, hw, hw, in_channels) input."""
+    block = block_cls(
+        features,
+        strides,
+        conv=conv,
+        norm=functools.partial(nn.BatchNorm, use_running_average=True),
+        act=ReLU,
+    )
+    x = jax.ShapeDtypeStruct((1, hw, hw, in_channels), jnp.float32)
+    return set(_flat(jax.eval_shape(block.init, jax.random.key(0), x)["params"]))
+
+
+@pytest.mark.parametrize(
+    "block_cls,strides,in_channels,features,projection",
+    [
+        (BasicBlock, 2, 4, 4, True),  # stride 2 on a 1x1 map: same shape, still a projection
+        (BasicBlock, 1, 4, 8, True),
+        (BasicBlock, 1, 4, 4, False),
+        (Bottleneck, 2, 16, 4, True),  # 16 -> 4 * 4 channels, stride 2 on 1x1
+        (Bottleneck, 1, 4, 4, True),  # 4 -> 16 channels
+        (Bottleneck, 1, 16, 4, False),
+    ],
+)
+@pytest.mark.parametrize("hw", [1, 4])
+def test_projection_shortcut_by_the_reference_rule(
+    block_cls, strides, in_channels, features, projection, hw
+):
+    """A projection iff `strides != 1 or in_channels != features * expansion`, whatever the
+    spatial size of the input the block is initialized on."""
+    paths = _block_params(block_cls, strides, in_channels, features, hw)
+    assert ("shortcut_conv/kernel" in paths) == projection, paths
+    assert ("shortcut_bn/scale" in paths) == projection, paths
+
+
+@pytest.mark.parametrize("name", ["resnet18", "spiking_resnet18"])
+def test_parameter_tree_does_not_depend_on_the_image_size(name):
+    """At width 0.001 every stage has 1 channel, so a 1x1 image keeps its shape through the
+    stride-2 stages; the tree (stage2..4 projections included) is the one of an 8x8 image."""
+    model = create_model(name, num_classes=3, width=0.001, **_kwargs(name))
+    trees = [
+        _flat(jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(s, jnp.float32)))
+        for s in ((1, 1, 1, 3), (1, 8, 8, 3))
+    ]
+    assert {k: v.shape for k, v in trees[0].items()} == {k: v.shape for k, v in trees[1].items()}
+    for s in (2, 3, 4):
+        assert f"params/stage{s}/block0/shortcut_conv/kernel" in trees[0]
+        assert f"params/stage{s}/block1/shortcut_conv/kernel" not in trees[0]
+    assert "params/stage1/block0/shortcut_conv/kernel" not in trees[0]
+
+
 # --------------------------------------------------------------------------------------
 # Spikes, firing rates, time folding.
 
@@ -246,10 +302,10 @@ def test_firing_rates_equal_mean_of_captured_spikes(snn_run):
     for path, rate in rates.items():
         rate = np.asarray(rate)
         spikes = np.asarray(cap[path][0]).reshape(t, b, -1)  # time-major folding
-        ref = spikes.mean(axis=(0, 2))  # per example: over time and neurons
+        want = spikes.mean(axis=(0, 2))  # per example: over time and neurons
         assert rate.shape == (b,)
         assert np.all((rate >= 0) & (rate <= 1))
-        np.testing.assert_allclose(rate, ref, rtol=1e-6)
+        np.testing.assert_allclose(rate, want, rtol=1e-6)
 
 
 def test_time_is_folded_into_the_batch(snn_run):
@@ -276,22 +332,18 @@ def test_tdbn_statistics_are_over_time_and_batch(snn_run):
     t, b = r["t"], r["b"]
     cap = _captured(r["state"]["intermediates"])
     bs = r["state"]["batch_stats"]
-    eps = 1e-5
     checked_time_dependence = False
     for layer in ("stem/conv", "stage1/block0/conv1", "stage2/block0/conv2"):
         bn = layer.replace("conv", "bn")
         conv_out = np.asarray(cap[layer][0], np.float64)  # (T*B, H, W, C)
-        mean_all = conv_out.mean(axis=(0, 1, 2))
-        var_all = conv_out.var(axis=(0, 1, 2))
+        mean_all, var_all = ref.moments(conv_out)  # over T*B, H, W
         stats = _flat(bs)
         # Running stats start at (0, 1); Flax momentum 0.9 == PyTorch momentum 0.1.
         np.testing.assert_allclose(stats[f"{bn}/mean"], 0.1 * mean_all, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(stats[f"{bn}/var"], 0.9 + 0.1 * var_all, rtol=1e-4, atol=1e-6)
         # The forward normalizes with those same (T, B, H, W) statistics, scale v_th = 0.5.
         params = _flat(r["variables"]["params"])
-        expect = (conv_out - mean_all) / np.sqrt(var_all + eps) * params[f"{bn}/scale"] + params[
-            f"{bn}/bias"
-        ]
+        expect = ref.batch_norm(conv_out, params[f"{bn}/scale"], params[f"{bn}/bias"])
         np.testing.assert_allclose(np.asarray(cap[bn][0]), expect, rtol=1e-4, atol=1e-4)
         # Beyond the stem, inputs differ over time, so statistics of t = 0 alone differ.
         mean_t0 = conv_out.reshape(t, b, *conv_out.shape[1:])[0].mean(axis=(0, 1, 2))
@@ -417,81 +469,165 @@ def test_bfloat16_compute_float32_params_and_logits(name):
 
 
 # --------------------------------------------------------------------------------------
-# A whole (small) Spiking ResNet against NumPy.
+# Whole networks against a NumPy forward (tests/references.py), weights read from the
+# Flax variables. The reference decides on its own which blocks have a projection shortcut
+# (stride != 1 or channels change) and checks that it used every leaf of the tree.
 
 
-def _np_conv(x, k, stride=1, pad=1):
-    """(N, H, W, Ci) x (kh, kw, Ci, Co) cross-correlation, symmetric zero padding."""
-    n, h, w, _ = x.shape
-    kh, kw, _, co = k.shape
-    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    ho, wo = (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1
-    out = np.zeros((n, ho, wo, co))
-    for i in range(kh):
-        for j in range(kw):
-            patch = xp[:, i : i + stride * ho : stride, j : j + stride * wo : stride, :]
-            out += patch @ k[i, j]
-    return out
+def _np_resnet(
+    variables,
+    images,
+    *,
+    stage_sizes,
+    bottleneck=False,
+    time_steps=1,
+    lif=None,
+    train=False,
+    sew=False,
+    stem_padding=1,
+):
+    """Float64 logits (B, classes) of a CIFAR ResNet, per LIF layer `(u, s)` each (T, B, ...),
+    and in train mode `{bn path: (mean, var)}` of the batch statistics each BN used.
+
+    `lif`: None for the ANN (ReLU), else `(decay, v_th)`. `train`: BN with the batch's
+    statistics over every axis but the channel (tdBN: T*B, H, W), else the running ones.
+    """
+    params = {k: np.asarray(v, np.float64) for k, v in _flat(variables["params"]).items()}
+    stats = {k: np.asarray(v, np.float64) for k, v in _flat(variables["batch_stats"]).items()}
+    used, lif_layers, moments = set(), [], {}
+    t, b = time_steps, images.shape[0]
+
+    def get(tree, key):
+        used.add(key)
+        return tree[key]
+
+    def conv_bn(h, block, conv, bn, stride=1, pad=None):
+        h = ref.conv2d(h, get(params, f"{block}/{conv}/kernel"), stride, pad)
+        bn = f"{block}/{bn}"
+        scale, bias = get(params, f"{bn}/scale"), get(params, f"{bn}/bias")
+        if train:
+            moments[bn] = ref.moments(h)
+            return ref.batch_norm(h, scale, bias)
+        return ref.batch_norm(h, scale, bias, get(stats, f"{bn}/mean"), get(stats, f"{bn}/var"))
+
+    def act(h):
+        if lif is None:
+            return ref.relu(h)
+        u, s = ref.lif_forward(h.reshape(t, b, *h.shape[1:]), *lif)
+        lif_layers.append((u, s))
+        return s.reshape(h.shape)
+
+    h = np.concatenate([np.asarray(images, np.float64)] * t)  # direct encoding, time-major
+    h = act(conv_bn(h, "stem", "conv", "bn", pad=stem_padding))
+    for i, num_blocks in enumerate(stage_sizes):
+        for j in range(num_blocks):
+            blk, stride = f"stage{i + 1}/block{j}", 2 if i > 0 and j == 0 else 1
+            if bottleneck:
+                y = act(conv_bn(h, blk, "conv1", "bn1"))
+                y = act(conv_bn(y, blk, "conv2", "bn2", stride))
+                y = conv_bn(y, blk, "conv3", "bn3")
+            else:
+                y = act(conv_bn(h, blk, "conv1", "bn1", stride))
+                y = conv_bn(y, blk, "conv2", "bn2")
+            shortcut = h
+            if stride != 1 or h.shape[-1] != y.shape[-1]:
+                shortcut = conv_bn(h, blk, "shortcut_conv", "shortcut_bn", stride, pad=0)
+                shortcut = act(shortcut) if sew else shortcut
+            h = act(y) + shortcut if sew else act(y + shortcut)
+    features = ref.global_avg_pool(h).reshape(t, b, -1).mean(axis=0)
+    logits = ref.dense(features, get(params, "head/kernel"), get(params, "head/bias"))
+    unused = (set(params) | (set() if train else set(stats))) - used
+    assert not unused, f"leaves the reference did not use: {sorted(unused)}"
+    return logits, lif_layers, moments
 
 
-def _np_lif(x_tb, decay, v_th):
-    """x_tb: (T, ...) -> spikes (T, ...) by the DESIGN recurrence."""
-    u = np.zeros_like(x_tb[0])
-    s = np.zeros_like(x_tb[0])
-    out = []
-    for t in range(x_tb.shape[0]):
-        u = decay * u * (1 - s) + x_tb[t] if t else x_tb[t]
-        s = (u > v_th).astype(np.float64)
-        out.append(s)
-    return np.stack(out)
-
-
-def test_small_spiking_resnet_logits_match_numpy():
-    t, b, decay, v_th = 3, 2, 0.5, 0.4
-    model = spiking_resnet((1,), num_classes=3, width=W, time_steps=t, decay=decay, v_th=v_th)
-    x = _images((b, 6, 6, 2), seed=7)
-    variables = model.init(jax.random.key(7), x)
-    # Random BN statistics and affine parameters so that eval-mode BN is not trivial.
-    rng = np.random.default_rng(8)
-    variables = jax.tree.map(
+def _variables(model, ref_kw, x, seed):
+    """Variables as after some training: the init's parameters scaled by U(0.5, 1.5) and
+    shifted by N(0, 0.1) (no two channels alike), and running statistics equal to the batch
+    statistics of other images (eval-mode BN is then not the identity, and spikes still flow
+    through the whole network)."""
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(
         lambda v: jnp.asarray(
             np.asarray(v) * rng.uniform(0.5, 1.5, v.shape) + rng.normal(0, 0.1, v.shape),
             jnp.float32,
         ),
-        variables,
+        model.init(jax.random.key(seed), x)["params"],
     )
-    bs = _flat(variables["batch_stats"])
-    variables = {
-        "params": variables["params"],
-        "batch_stats": traverse_util.unflatten_dict(
-            {
-                tuple(k.split("/")): (jnp.abs(v) + 0.1 if k.endswith("var") else v)
-                for k, v in bs.items()
-            }
-        ),
-    }
-    p = {k: np.asarray(v, np.float64) for k, v in _flat(variables["params"]).items()}
-    s = {k: np.asarray(v, np.float64) for k, v in _flat(variables["batch_stats"]).items()}
+    other = _images(x.shape, seed=seed + 1)
+    _, _, moments = _np_resnet({"params": params, "batch_stats": {}}, other, train=True, **ref_kw)
+    stats = {}
+    for bn, (mean, var) in moments.items():
+        stats[f"{bn}/mean"], stats[f"{bn}/var"] = jnp.float32(mean), jnp.float32(var)
+    return {"params": params, "batch_stats": traverse_util.unflatten_dict(stats, sep="/")}
 
-    def bn(h, name):
-        return (h - s[f"{name}/mean"]) / np.sqrt(s[f"{name}/var"] + 1e-5) * p[f"{name}/scale"] + p[
-            f"{name}/bias"
-        ]
 
-    def lif(h):  # h: (T*B, ...) time-major
-        return _np_lif(h.reshape(t, b, *h.shape[1:]), decay, v_th).reshape(h.shape)
+def _check_against_numpy(model, ref_kw, x, train, seed):
+    """The model's logits (train or eval mode) match `_np_resnet` to float32 tolerance; in
+    train mode so do the updated running statistics (Flax momentum 0.9, biased variance)."""
+    variables = _variables(model, ref_kw, x, seed)
+    want, lif_layers, moments = _np_resnet(variables, x, train=train, **ref_kw)
+    if train:
+        got, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        old, new = _flat(variables["batch_stats"]), _flat(updates["batch_stats"])
+        assert set(new) == {f"{bn}/{m}" for bn in moments for m in ("mean", "var")}
+        for bn, (mean, var) in moments.items():
+            for m, batch in (("mean", mean), ("var", var)):
+                expect = 0.9 * np.asarray(old[f"{bn}/{m}"], np.float64) + 0.1 * batch
+                np.testing.assert_allclose(new[f"{bn}/{m}"], expect, rtol=1e-4, atol=1e-5)
+    else:
+        got = model.apply(variables, x)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+    assert np.ptp(want) > 1e-2  # logits that differ: the comparison is not of constants
+    if lif_layers:  # spiking: float32 rounding cannot flip a spike, and every layer fires
+        v_th = ref_kw["lif"][1]
+        assert min(np.abs(u - v_th).min() for u, _ in lif_layers) > 1e-5
+        assert all(0 < s.mean() < 1 for _, s in lif_layers)
+    return want, lif_layers
 
-    xn = np.asarray(x, np.float64)
-    h = np.concatenate([xn] * t)  # (T*B, H, W, C): the image at every step
-    h = lif(bn(_np_conv(h, p["stem/conv/kernel"]), "stem/bn"))
-    y = lif(bn(_np_conv(h, p["stage1/block0/conv1/kernel"]), "stage1/block0/bn1"))
-    y = bn(_np_conv(y, p["stage1/block0/conv2/kernel"]), "stage1/block0/bn2")
-    h = lif(y + h)
-    feats = h.mean(axis=(1, 2)).reshape(t, b, -1).mean(axis=0)
-    ref = feats @ p["head/kernel"] + p["head/bias"]
 
-    got = model.apply(variables, x)
-    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-5)
+SNN_KW = dict(time_steps=2, lif=(0.25, 0.5))
+WHOLE_NETWORKS = {  # name: (model, reference arguments)
+    "spiking_basic": (
+        spiking_resnet((1, 2), num_classes=5, width=W, time_steps=2),
+        dict(stage_sizes=(1, 2), **SNN_KW),
+    ),
+    "spiking_basic_sew_stem_pad3": (
+        spiking_resnet((1, 1), num_classes=5, width=W, time_steps=2, sew=True, stem_padding=3),
+        dict(stage_sizes=(1, 1), sew=True, stem_padding=3, **SNN_KW),
+    ),
+    "spiking_bottleneck": (
+        spiking_resnet((1, 1), Bottleneck, num_classes=5, width=W, time_steps=2),
+        dict(stage_sizes=(1, 1), bottleneck=True, **SNN_KW),
+    ),
+    "ann_basic": (
+        ResNet(stage_sizes=(1, 2), block_cls=BasicBlock, num_classes=5, width=W),
+        dict(stage_sizes=(1, 2)),
+    ),
+    "ann_bottleneck": (
+        ResNet(stage_sizes=(1, 1), block_cls=Bottleneck, num_classes=5, width=W),
+        dict(stage_sizes=(1, 1), bottleneck=True),
+    ),
+}
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", sorted(WHOLE_NETWORKS))
+def test_whole_network_logits_match_numpy(name, train):
+    """Stem, identity and stride-2 projection shortcuts, (td)BN in both modes, LIF or ReLU,
+    pooling over H, W and time, head: the logits of a whole network, 8x8 images, B = 3."""
+    model, ref_kw = WHOLE_NETWORKS[name]
+    _check_against_numpy(model, ref_kw, _images((3, 8, 8, 3), seed=11), train, seed=12)
+
+
+def test_small_spiking_resnet_logits_match_numpy():
+    """Other neuron settings (decay 0.5, v_th 0.4), T = 3, 2-channel 6x6 images, eval mode."""
+    t, b, decay, v_th = 3, 2, 0.5, 0.4
+    model = spiking_resnet((1,), num_classes=3, width=W, time_steps=t, decay=decay, v_th=v_th)
+    x = _images((b, 6, 6, 2), seed=7)
+    ref_kw = dict(stage_sizes=(1,), time_steps=t, lif=(decay, v_th))
+    _, lif_layers = _check_against_numpy(model, ref_kw, x, train=False, seed=7)
+    h = lif_layers[-1][1]  # (T, B, H, W, C): the last block's output spikes
     assert 0 < h.mean() < 1  # the check involved actual spikes
     # Non-trivial time dynamics: the final spikes differ between time steps.
     ht = h.reshape(t, b, -1)

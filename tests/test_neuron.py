@@ -6,26 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import references as ref
 
 from idsnn_jax import neuron
 from idsnn_jax.neuron import SURROGATES, lif_scan, spike
 
 # --------------------------------------------------------------------------------------
-# Independent NumPy references.
-
-
-def np_lif_forward(x: np.ndarray, decay: float, v_th: float) -> tuple[np.ndarray, np.ndarray]:
-    """u[0] = x[0]; u[t] = decay * u[t-1] * (1 - s[t-1]) + x[t]; s = u > v_th (strict)."""
-    x = np.asarray(x, np.float64)
-    u = np.zeros_like(x)
-    s = np.zeros_like(x)
-    for t in range(x.shape[0]):
-        if t == 0:
-            u[t] = x[t]
-        else:
-            u[t] = decay * u[t - 1] * (1.0 - s[t - 1]) + x[t]
-        s[t] = (u[t] > v_th).astype(np.float64)
-    return u, s
+# Independent NumPy references: the LIF forward is shared (tests/references.py); the
+# surrogates and the hand-written BPTT are this file's own.
 
 
 def np_surrogate(name: str, x: np.ndarray, a: float) -> np.ndarray:
@@ -51,7 +39,7 @@ def np_lif_backward(
     dL/du[t] = w[t] * sg'(u[t] - v_th) + dL/du[t+1] * decay * (1 - s[t]); dL/dx[t] = dL/du[t].
     s[t] reaches u[t+1] only through the stop-gradient reset gate, so it carries no gradient.
     """
-    u, s = np_lif_forward(x, decay, v_th)
+    u, s = ref.lif_forward(x, decay, v_th)
     w = np.asarray(w, np.float64)
     grad_u = np.zeros_like(u)
     for t in reversed(range(u.shape[0])):
@@ -70,7 +58,7 @@ def test_lif_scan_forward_matches_numpy_loop(decay, v_th):
     rng = np.random.default_rng(0)
     x = rng.normal(0.5, 1.0, size=(6, 3, 5)).astype(np.float32)
     out = lif_scan(jnp.asarray(x), decay=decay, v_th=v_th)
-    _, s_ref = np_lif_forward(x, decay, v_th)
+    _, s_ref = ref.lif_forward(x, decay, v_th)
     assert out.shape == x.shape
     assert out.dtype == jnp.float32
     out = np.asarray(out)
@@ -132,7 +120,7 @@ def test_lif_scan_grad_matches_handwritten_bptt(surrogate, width, decay, v_th):
     np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
     # Non-trivial: gradient flows back through time (earlier steps get more than their
     # own local term) for at least some neurons.
-    local = w * np_surrogate(surrogate, np_lif_forward(x, decay, v_th)[0] - v_th, width)
+    local = w * np_surrogate(surrogate, ref.lif_forward(x, decay, v_th)[0] - v_th, width)
     assert np.abs(g_ref - local).max() > 1e-3
 
 
@@ -195,7 +183,7 @@ def test_bfloat16_under_jit_matches_float32():
     # Values on a coarse grid (multiples of 1/8, |x| <= 2) are exact in bfloat16.
     x32 = np.round(rng.normal(0.5, 1.0, size=(5, 4, 6)) * 8) / 8
     x32 = np.clip(x32, -2, 2).astype(np.float32)
-    u, s_ref = np_lif_forward(x32, 0.25, 0.5)
+    u, s_ref = ref.lif_forward(x32, 0.25, 0.5)
     x_bf = jnp.asarray(x32, jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(x_bf.astype(jnp.float32)), x32)
     out_bf = jax.jit(lif_scan)(x_bf)
@@ -220,7 +208,7 @@ def test_jit_grad_vmap():
     batched = jax.vmap(f)(x)
     for b in range(x.shape[0]):
         np.testing.assert_array_equal(np.asarray(batched[b]), np.asarray(f(x[b])))
-        _, s_ref = np_lif_forward(np.asarray(x[b]), 0.5, 0.6)
+        _, s_ref = ref.lif_forward(np.asarray(x[b]), 0.5, 0.6)
         np.testing.assert_array_equal(np.asarray(batched[b]), s_ref)
     np.testing.assert_array_equal(np.asarray(jax.jit(f)(x[0])), np.asarray(f(x[0])))
     # vmap of grad == per-element grad (and == the NumPy BPTT).
@@ -228,8 +216,8 @@ def test_jit_grad_vmap():
     gfun = jax.grad(lambda xx: jnp.sum(jnp.asarray(w) * f(xx)))
     gb = jax.jit(jax.vmap(gfun))(x)
     for b in range(x.shape[0]):
-        ref = np_lif_backward(np.asarray(x[b]), w, 0.5, 0.6, "rect", 0.5)
-        np.testing.assert_allclose(np.asarray(gb[b]), ref, rtol=1e-5, atol=1e-6)
+        g_ref = np_lif_backward(np.asarray(x[b]), w, 0.5, 0.6, "rect", 0.5)
+        np.testing.assert_allclose(np.asarray(gb[b]), g_ref, rtol=1e-5, atol=1e-6)
 
 
 def test_lif_step_single_update():

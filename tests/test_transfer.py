@@ -308,7 +308,7 @@ def test_layout_errors(r34, r18):
         ValueError, match=r"target has stage4 but source has only stages \[1, 2, 3\]"
     ):
         init_snn_from_ann(no_stage4, r18)
-    with pytest.raises(ValueError, match="unknown block_map 'middle'.*'first', 'uniform'"):
+    with pytest.raises(ValueError, match="block_map='middle' is unknown.*'first', 'uniform'"):
         init_snn_from_ann(r34, r18, block_map="middle")
     with pytest.raises(ValueError, match=r"returned 3 for target stage1/block0.*d=3.*\[0, 3\)"):
         init_snn_from_ann(r34, r18, block_map=lambda s, j, d, n: d)

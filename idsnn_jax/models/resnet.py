@@ -67,7 +67,10 @@ def conv(
 
 
 class Block(nn.Module):
-    """What both residual blocks share: their fields and the residual merge."""
+    """What both residual blocks share: their fields and the residual merge.
+
+    A block outputs `features * expansion` channels.
+    """
 
     features: int
     strides: int
@@ -76,11 +79,20 @@ class Block(nn.Module):
     act: ModuleDef
     sew: bool = False
 
+    expansion = 1  # a class attribute, not a field: output channels per `features`
+
     def merge(self, x: jax.Array, y: jax.Array, act_name: str) -> jax.Array:
-        """Adds the (projected if the shape changes) shortcut and applies the last activation."""
+        """Adds the shortcut and applies the last activation.
+
+        The shortcut is a projection (1x1 conv with the block's stride, then BN) when the block
+        is strided or changes the number of channels, as in the reference, and the identity
+        otherwise. The rule looks at the configuration, not at the input's spatial size, so
+        the parameter tree does not depend on the image size used at init.
+        """
         shortcut = x
-        if x.shape != y.shape:
-            shortcut = self.conv(y.shape[-1], 1, self.strides, name="shortcut_conv")(x)
+        out_channels = self.features * self.expansion
+        if self.strides != 1 or x.shape[-1] != out_channels:
+            shortcut = self.conv(out_channels, 1, self.strides, name="shortcut_conv")(x)
             shortcut = self.norm(name="shortcut_bn")(shortcut)
             if self.sew:
                 shortcut = self.act(name="shortcut_act")(shortcut)
@@ -117,7 +129,7 @@ class Bottleneck(Block):
         y = self.act(name="act1")(self.norm(name="bn1")(y))
         y = self.conv(self.features, 3, self.strides, name="conv2")(y)
         y = self.act(name="act2")(self.norm(name="bn2")(y))
-        y = self.norm(name="bn3")(self.conv(self.features * 4, 1, name="conv3")(y))
+        y = self.norm(name="bn3")(self.conv(self.features * self.expansion, 1, name="conv3")(y))
         return self.merge(x, y, "act3")
 
 

@@ -1,0 +1,148 @@
+"""Which source leaf each target leaf of a ResNet tree takes: the path half of IDSNN's init rule.
+
+Parameter trees of every ResNet here share one path layout (``stem/conv``, ``stem/bn``,
+``stage{s}/block{j}/{conv1,bn1,...,shortcut_conv,shortcut_bn}``, ``head``), either bare
+(``variables["params"]``) or as a variables dict (``params/...``, ``batch_stats/...``). This
+module reads that layout and maps paths: target block j of stage s takes source block
+``block_map(s, j, d, n)``; stem is copied; head and shortcuts only on request. Shapes are
+``transfer.py``'s business.
+"""
+
+from __future__ import annotations
+
+import numbers
+import re
+from collections.abc import Callable, Container, Mapping
+from typing import Any
+
+import jax
+
+BlockMap = str | Callable[[int, int, int, int], int]
+
+_STAGE = re.compile(r"stage(\d+)")
+_BLOCK = re.compile(r"block(\d+)")
+_STEM_KERNEL = "stem/conv/kernel"
+
+
+def flatten(tree: Any) -> tuple[list[str], list[Any], Any]:
+    """Paths ("a/b/c"), leaves and treedef of a nested-dict pytree (dict or FrozenDict)."""
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    paths = ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in with_path]
+    return paths, [leaf for _, leaf in with_path], treedef
+
+
+def _kind(tree: Any, name: str) -> str:
+    """'variables' for {"params": ..., ...}, 'params' for a bare parameter tree."""
+    if not isinstance(tree, Mapping):
+        raise TypeError(f"{name} must be a ResNet params tree or variables dict, got {type(tree)}")
+    if "params" in tree:
+        return "variables"
+    if "stem" in tree:
+        return "params"
+    raise ValueError(
+        f"{name} is not a ResNet tree: it has neither 'params' (a variables dict) nor 'stem' "
+        f"(a params tree) at the top; top-level keys: {sorted(map(str, tree))}"
+    )
+
+
+def common_kind(source: Any, target: Any, src_paths: list[str], dst_paths: list[str]) -> str:
+    """The kind both trees share, checking that both have the stem kernel where expected."""
+    kind, src_kind = _kind(target, "target"), _kind(source, "source")
+    if kind != src_kind:
+        raise ValueError(
+            f"source is a {src_kind} tree but target is a {kind} tree: pass both as full "
+            "variables dicts ({'params': ..., 'batch_stats': ...}, BN statistics mapped too) "
+            "or both as params trees (variables['params'])"
+        )
+    stem = ("params/" if kind == "variables" else "") + _STEM_KERNEL
+    for name, paths in (("source", src_paths), ("target", dst_paths)):
+        if stem not in paths:
+            raise ValueError(
+                f"{name} has no '{stem}': expected the ResNet layout stem/conv, stem/bn, "
+                "stage{s}/block{j}/{conv1,bn1,...}, head"
+            )
+    return kind
+
+
+def split_path(path: str, kind: str) -> tuple[str, list[str]]:
+    """('params/', ['stem', 'conv', 'kernel']) for 'params/stem/conv/kernel' in a variables dict."""
+    parts = path.split("/")
+    return ("", parts) if kind == "params" else (parts[0] + "/", parts[1:])
+
+
+def _block_counts(paths: list[str], kind: str, name: str) -> dict[int, int]:
+    """Stage number -> number of blocks, checking that blocks are numbered 0..n-1."""
+    found: dict[int, set[int]] = {}
+    for path in paths:
+        rest = split_path(path, kind)[1]
+        if len(rest) > 1 and _STAGE.fullmatch(rest[0]) and _BLOCK.fullmatch(rest[1]):
+            found.setdefault(int(rest[0][5:]), set()).add(int(rest[1][5:]))
+    for s, blocks in found.items():
+        if blocks != set(range(len(blocks))):
+            raise ValueError(f"{name} stage{s} has blocks {sorted(blocks)}: expected block0..")
+    return {s: len(blocks) for s, blocks in sorted(found.items())}
+
+
+def _chooser(block_map: BlockMap) -> Callable[[int, int, int, int], int]:
+    """The block rule (stage, j, d, n) -> source block index."""
+    if callable(block_map):
+        return block_map
+    if block_map == "first":
+        return lambda s, j, d, n: min(j, d - 1)
+    if block_map == "uniform":  # round(j * (d - 1) / (n - 1)), half up, in integers
+        return lambda s, j, d, n: 0 if n == 1 else (2 * j * (d - 1) + n - 1) // (2 * (n - 1))
+    raise ValueError(
+        f"block_map={block_map!r} is unknown: use 'first', 'uniform' or a callable "
+        "(stage, j, d, n) -> int"
+    )
+
+
+def block_table(
+    src_paths: list[str], dst_paths: list[str], kind: str, block_map: BlockMap
+) -> dict[tuple[int, int], int]:
+    """(stage, target block) -> source block, for every target block, by ``block_map``."""
+    src_blocks = _block_counts(src_paths, kind, "source")
+    choose, table = _chooser(block_map), {}
+    for s, n in _block_counts(dst_paths, kind, "target").items():
+        if s not in src_blocks:
+            raise ValueError(f"target has stage{s} but source has only stages {list(src_blocks)}")
+        d = src_blocks[s]
+        for j in range(n):
+            m = choose(s, j, d, n)
+            if not isinstance(m, numbers.Integral) or not 0 <= m < d:  # NumPy ints are fine
+                raise ValueError(
+                    f"block_map returned {m!r} for target stage{s}/block{j}; source stage{s} "
+                    f"has d={d} blocks, so it must be an int in [0, {d})"
+                )
+            table[(s, j)] = int(m)
+    return table
+
+
+def source_path(
+    path: str,
+    kind: str,
+    block_of: Mapping[tuple[int, int], int],
+    src_paths: Container[str],
+    copy_shortcut: bool,
+    copy_head: bool,
+) -> tuple[str | None, str | None]:
+    """IDSNN's rule for one target path: ``(source path, None)``, or ``(None, why it is kept)``.
+
+    The source path is where the value should come from; whether that leaf exists and its
+    shape fits is checked afterwards (``_entry``).
+    """
+    coll, rest = split_path(path, kind)
+    if rest[0] == "stem":
+        return path, None
+    if rest[0] == "head":
+        return (path, None) if copy_head else (None, "head (copy_head=False)")
+    if not (len(rest) > 2 and _STAGE.fullmatch(rest[0]) and _BLOCK.fullmatch(rest[1])):
+        return None, "no mapping rule for this path"
+    j_src = block_of[(int(rest[0][5:]), int(rest[1][5:]))]
+    src_path = "/".join([coll + rest[0], f"block{j_src}", *rest[2:]])
+    if rest[2].startswith("shortcut"):
+        if not copy_shortcut:
+            return None, "shortcut projection (copy_shortcut=False)"
+        if src_path not in src_paths:
+            return None, "source block has no projection"
+    return src_path, None

@@ -1,0 +1,91 @@
+"""Independent NumPy references that the tests assert against, each written once.
+
+A test that compares idsnn_jax with a reference checks the package against the equations of
+DESIGN.md §1 only if the reference shares nothing with the package: so these are plain NumPy in
+float64 (loops where they read clearer), importing nothing from idsnn_jax. Keeping one copy of
+each here means a test file never grows its own slightly different LIF or BatchNorm, and a change
+of semantics is made, and reviewed, in one place.
+
+Layouts are the models': images and feature maps NHWC, conv kernels HWIO, Dense kernels (in, out).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BN_EPS = 1e-5  # DESIGN §1: tdBN / BN epsilon
+
+
+def lif_forward(x: np.ndarray, decay: float = 0.25, v_th: float = 0.5):
+    """Multi-step LIF over the leading time axis: ``x (T, ...) -> (u, s)``, both ``(T, ...)``.
+
+    ``u[0] = x[0]``; ``u[t] = decay * u[t-1] * (1 - s[t-1]) + x[t]``; ``s[t] = u[t] > v_th``
+    (strict), i.e. a hard reset to 0 after a spike.
+    """
+    x = np.asarray(x, np.float64)
+    u, s = np.zeros_like(x), np.zeros_like(x)
+    for t in range(x.shape[0]):
+        u[t] = x[t] if t == 0 else decay * u[t - 1] * (1.0 - s[t - 1]) + x[t]
+        s[t] = u[t] > v_th
+    return u, s
+
+
+def conv2d(x: np.ndarray, kernel: np.ndarray, stride: int = 1, pad: int | None = None):
+    """Cross-correlation ``(N, H, W, Ci) x (kh, kw, Ci, Co) -> (N, Ho, Wo, Co)``, no bias.
+
+    Symmetric zero padding of ``pad`` pixels on every side (PyTorch's ``padding=pad``), by
+    default ``kh // 2``; ``Ho = (H + 2 pad - kh) // stride + 1``.
+    """
+    x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+    n, h, w, _ = x.shape
+    kh, kw, _, co = kernel.shape
+    pad = kh // 2 if pad is None else pad
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    ho, wo = (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1
+    out = np.zeros((n, ho, wo, co))
+    for i in range(kh):
+        for j in range(kw):
+            patch = xp[:, i : i + stride * ho : stride, j : j + stride * wo : stride, :]
+            out += patch @ kernel[i, j]
+    return out
+
+
+def moments(x: np.ndarray):
+    """Per-channel mean and (biased) variance over every axis but the last."""
+    x = np.asarray(x, np.float64)
+    axes = tuple(range(x.ndim - 1))
+    return x.mean(axis=axes), x.var(axis=axes)
+
+
+def batch_norm(x, scale, bias, mean=None, var=None, eps: float = BN_EPS):
+    """``(x - mean) / sqrt(var + eps) * scale + bias`` over the last (channel) axis.
+
+    Train mode: leave ``mean`` and ``var`` out, and the batch's own statistics over all other
+    axes are used (for time-folded activations ``(T*B, H, W, C)`` that is tdBN: over T, B, H, W).
+    Eval mode: pass the running ``mean`` and ``var``.
+    """
+    x = np.asarray(x, np.float64)
+    if mean is None and var is None:
+        mean, var = moments(x)
+    return (x - mean) / np.sqrt(np.asarray(var, np.float64) + eps) * scale + bias
+
+
+def relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(np.asarray(x, np.float64), 0.0)
+
+
+def global_avg_pool(x: np.ndarray) -> np.ndarray:
+    """``(N, H, W, C) -> (N, C)``: the mean over H and W."""
+    return np.asarray(x, np.float64).mean(axis=(1, 2))
+
+
+def dense(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """``x (N, in) @ kernel (in, out) + bias (out,)``."""
+    return np.asarray(x, np.float64) @ np.asarray(kernel, np.float64) + bias
+
+
+def log_softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
+    """``z - logsumexp(z)`` along ``axis``, shifted by the max for stability."""
+    z = np.asarray(z, np.float64)
+    m = z.max(axis=axis, keepdims=True)
+    return z - m - np.log(np.exp(z - m).sum(axis=axis, keepdims=True))
