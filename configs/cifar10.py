@@ -6,7 +6,7 @@ Paper: 94.03 (T=4), 94.22 (T=6); teacher 95.10.
 Data: TFDS `cifar10`, or the official archive in --config.data_dir.
 """
 
-from configs import default
+from idsnn_jax.configs import default
 
 
 def get_config():

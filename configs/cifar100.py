@@ -9,7 +9,7 @@ Paper: 75.24 (T=4), 75.41 (T=6); teacher 77.26. Ablation (T=6): baseline 71.34
 Data: TFDS `cifar100`, or the official archive in --config.data_dir.
 """
 
-from configs import default
+from idsnn_jax.configs import default
 
 
 def get_config():

@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.augment.crop_padding = 4
     config.augment.flip = True
 
-    config.checkpoint_keep = 2  # newest saved epochs kept in <workdir>/<stage>/last
+    config.checkpoint_keep = 2  # newest saved epochs kept in <workdir>/<stage> (+ the best)
     config.checkpoint_every_epochs = 1  # the last epoch and the best one are always saved
     config.log_every_steps = 50
     return config

@@ -9,7 +9,7 @@ Measured (2-core CPU, seed 0, full test set): teacher 79.02, student (init + KD)
 baseline SNN 75.49; 9 min 41 s in all.
 """
 
-from configs import default
+from idsnn_jax.configs import default
 
 
 def get_config():

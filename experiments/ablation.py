@@ -10,13 +10,14 @@ Four variants of one config, differing only by `init_from_teacher` and `distill`
 
 The variants share one teacher: it is trained once in `<root>/teacher_run` (exactly stage
 1 of `pipeline.run`: same seed, same recipe) and every variant that needs it loads it with
-`config.teacher.checkpoint=<root>/teacher_run/teacher`. Each variant runs `pipeline.run`
-in `<root>/<variant>` (with `compare_baseline=False`: the baseline is its own variant).
-Rerunning the same command resumes every unfinished stage and skips finished variants
-(delete `<root>/<variant>` to redo one). Prints a table and writes `<root>/ablation.json`
-(rows for the variants of this invocation). `wall` is the `wall_seconds` of the variant's
-last `pipeline.run` (after a resume: that invocation only); `train_seconds` in the JSON
-sums the training time of every epoch, across resumes.
+`config.teacher.checkpoint=<root>/teacher_run/teacher` (the stage directory: its best epoch
+is loaded). Each variant runs `pipeline.run` in `<root>/<variant>` (with
+`compare_baseline=False`: the baseline is its own variant). Rerunning the same command
+resumes every unfinished stage and skips finished variants (delete `<root>/<variant>` to
+redo one). Prints a table and writes `<root>/ablation.json` (rows for the variants of this
+invocation). `wall` is the `wall_seconds` of the variant's last `pipeline.run` (after a
+resume: that invocation only); `train_seconds` in the JSON sums the training time of every
+epoch, across resumes.
 
   python experiments/ablation.py --root=runs/cifar100_ablation_t6 \
       --config=configs/cifar100.py --config.student.time_steps=6
@@ -31,17 +32,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from typing import Any
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [_REPO, os.path.dirname(os.path.abspath(__file__))]  # configs/, summarize.py
-
-import ml_collections  # noqa: E402
-import summarize  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import ml_collections
+import summarize  # beside this script: its directory is on sys.path (pytest: pythonpath)
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 # name -> (init_from_teacher, distill), in the paper's order.
 VARIANTS = {
@@ -104,9 +101,9 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str) -> None:
     with config.unlocked():
         config.teacher.checkpoint = ""
         config.init_from_teacher = True  # validate as a run that trains a teacher
-    ctx = pipeline.create_context(config, workdir)
+    ctx, plan = pipeline.create_context(config, workdir)
     try:
-        pipeline.train_teacher(ctx)
+        pipeline.train_teacher(ctx, config, plan)
     finally:
         ctx.writer.close()
 
@@ -121,12 +118,16 @@ def _stage_row(workdir: str, stage: str) -> dict[str, Any] | None:
 def _shared_teacher(config: ml_collections.ConfigDict, root: str) -> tuple[str, dict | None]:
     """(checkpoint path, teacher summary or None): the given teacher, or one trained (once,
     resumably) in `<root>/teacher_run`."""
+    from idsnn_jax.checkpoints import best_epoch
+
     if config.teacher.checkpoint:
         return config.teacher.checkpoint, None
     workdir = os.path.join(root, TEACHER_DIR)
-    checkpoint = os.path.join(workdir, "teacher")
+    checkpoint = os.path.join(workdir, "teacher")  # the stage directory: its best epoch is used
     done = _stage_row(workdir, "teacher")
-    if not (done and done["epochs"] >= config.teacher.num_epochs and os.path.isdir(checkpoint)):
+    if not (
+        done and done["epochs"] >= config.teacher.num_epochs and best_epoch(checkpoint) is not None
+    ):
         start = time.time()
         train_teacher(config, workdir)
         print(f"teacher trained in {workdir} in {_duration(time.time() - start)}", flush=True)
@@ -139,13 +140,14 @@ def run_ablation(
     """Runs (or resumes) `variants` (default: all four) under `root`; returns one row each
     (accuracies as fractions) and writes `<root>/ablation.json`."""
     from idsnn_jax import pipeline
+    from idsnn_jax.plan import build_plan
 
     variants = list(VARIANTS) if variants is None else list(variants)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     for variant in variants:  # every variant's config, before hours of training
-        pipeline.validate_config(variant_config(config, variant, config.teacher.checkpoint))
+        build_plan(variant_config(config, variant, config.teacher.checkpoint))
     root = os.path.abspath(root)
     os.makedirs(root, exist_ok=True)
     teacher_checkpoint, teacher = "", None
@@ -253,9 +255,11 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":  # flags only here, so tests can import this module beside others
+    from idsnn_jax.configs import cifar100
+
     _CONFIG = config_flags.DEFINE_config_file(
         "config",
-        os.path.join(_REPO, "configs", "cifar100.py"),
+        cifar100.__file__,
         "Path to a config file; override values with --config.key=value.",
         lock_config=True,
     )

@@ -1,8 +1,9 @@
 """Throughput of the sharded train step (images/s), steady state after compilation.
 
-Times the exact step `idsnn_jax.train` runs (augmentation, forward, teacher forward for
-mode 'idsnn', backward, cross-device mean, SGD) on random uint8 data, for each model in
-`--models`, and prints a table; `--json` also writes the rows.
+Times the exact step `idsnn_jax.train.fit` runs (`idsnn_jax.steps`: augmentation, forward,
+teacher forward with `--distill`, backward, cross-device mean, SGD with weight decay) on
+random uint8 data, for each model in `--models`, and prints a table; `--json` also writes
+the rows.
 
   python experiments/benchmark_train_step.py --models=resnet34,spiking_resnet18 \
       --width=0.125 --image=28,28,1 --batch=64 --steps=20 --json=experiments/results/bench.json
@@ -16,10 +17,9 @@ import time
 
 import jax
 import numpy as np
-import optax
 from absl import app, flags
 
-from idsnn_jax import input_pipeline, train
+from idsnn_jax import datasets, steps
 from idsnn_jax.models import create_model, is_spiking
 
 _MODELS = flags.DEFINE_list("models", ["resnet34", "spiking_resnet18"], "Models to time.")
@@ -32,41 +32,39 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute
 _DISTILL = flags.DEFINE_bool(
     "distill",
     False,
-    "Time spiking models in mode 'idsnn' (with a resnet34 teacher of the same width).",
+    "Time spiking models with distillation (from a resnet34 teacher of the same width).",
 )
 _JSON = flags.DEFINE_string("json", None, "Write the rows here as JSON.")
 
 
-def _build(name: str, info: input_pipeline.DatasetInfo, dtype) -> tuple:
+def _build(name: str, info: datasets.DatasetInfo, dtype) -> tuple:
     kwargs = dict(
-        num_classes=info.num_classes, width=_WIDTH.value, dtype=dtype, bn_axis_name=train.AXIS
+        num_classes=info.num_classes, width=_WIDTH.value, dtype=dtype, bn_axis_name=steps.AXIS
     )
     if is_spiking(name):
         kwargs["time_steps"] = _TIME_STEPS.value
     model = create_model(name, **kwargs)
-    return model, train.init_variables(model, info, 0)
+    return model, steps.init_variables(model, info, 0)
 
 
 def time_model(name: str) -> dict:
     h, w, c = (int(v) for v in _IMAGE.value)
-    info = input_pipeline.DatasetInfo("random", 10, (h, w, c), (0.5,) * c, (0.25,) * c)
+    info = datasets.DatasetInfo("random", 10, (h, w, c), (0.5,) * c, (0.25,) * c)
     dtype = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16}[_DTYPE.value]
     model, variables = _build(name, info, dtype)
-    mesh = train.create_mesh()
-    tx = optax.sgd(0.01, momentum=0.9)
-    mode, teacher = ("ann", None) if not is_spiking(name) else ("snn", None)
-    if is_spiking(name) and _DISTILL.value:
-        mode, teacher = "idsnn", _build("resnet34", info, dtype)
-    step = train.make_train_step(model, tx, info, mode=mode, teacher=teacher and teacher[0])
-    train_fn, _ = train.compile_steps(mesh, step, lambda s, b: {})
-    state = train.replicate(train.create_train_state(variables, tx, 0), mesh)
-    teacher_vars = train.replicate(teacher[1] if teacher else {}, mesh)
+    mesh = steps.create_mesh()
+    tx, _ = steps.create_optimizer(steps.OptimizerOptions(), steps_per_epoch=1, num_epochs=1)
+    teacher = _build("resnet34", info, dtype) if is_spiking(name) and _DISTILL.value else None
+    step = steps.make_train_step(model, tx, info, teacher=None if teacher is None else teacher[0])
+    train_fn = steps.compile_train_step(mesh, step)
+    state = steps.replicate(steps.create_train_state(variables, tx, 0), mesh)
+    teacher_vars = steps.replicate(teacher[1] if teacher else {}, mesh)
     rng = np.random.default_rng(0)
     batch = {
         "image": rng.integers(0, 256, (_BATCH.value, h, w, c), dtype=np.uint8),
         "label": rng.integers(0, 10, (_BATCH.value,), dtype=np.int32),
     }
-    batch = train.shard_batch(batch, mesh)
+    batch = steps.shard_batch(batch, mesh)
     start = time.perf_counter()
     state, metrics = train_fn(state, batch, teacher_vars)
     jax.block_until_ready(metrics)
@@ -80,7 +78,7 @@ def time_model(name: str) -> dict:
     seconds = time.perf_counter() - start
     return {
         "model": name,
-        "mode": mode,
+        "distill": teacher is not None,
         "width": _WIDTH.value,
         "image": f"{h}x{w}x{c}",
         "time_steps": _TIME_STEPS.value if is_spiking(name) else 1,

@@ -1,12 +1,17 @@
 """Per-stage orbax checkpoints: resume where a run stopped, keep the best, reuse a teacher.
 
-Layout under a stage directory (e.g. `<workdir>/teacher`):
-  `last/<epoch>/{state,meta}`: the newest `keep` saved epochs, for resuming;
-  `best/<epoch>/{state,meta}`: the epoch with the best test accuracy so far.
-`state` is the whole `TrainState`; `meta` (JSON) is the epoch and the metric history.
-Orbax writes each checkpoint into a temporary directory and renames it when complete,
-so an interrupted save never replaces the latest good checkpoint. Saves are asynchronous
-(training goes on while they are written); `close()` waits for them.
+One `CheckpointManager` per stage directory (e.g. `<workdir>/teacher`) holds epoch
+directories `<epoch>/{state,meta,metrics}`: `state` is the whole `TrainState`, `meta`
+(JSON) the metric history up to that epoch, `metrics` the epoch's test accuracy. Its
+preservation policy keeps the newest `keep` epochs (for resuming) and the best epoch by
+test accuracy (ties go to the earlier epoch, as the reference's strict `acc > best`), so
+each epoch is written once and every kept epoch lies on the run's own trajectory.
+
+Orbax writes each checkpoint into a temporary directory and renames it when complete, so
+an interrupted save never replaces the latest good checkpoint. Saves are asynchronous
+(training goes on while they are written); `close()` waits for them. Restores go against
+an abstract target placed on the current devices, so a checkpoint written on N devices
+loads on M.
 """
 
 from __future__ import annotations
@@ -15,76 +20,110 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+METRIC = "test_accuracy"
 
 
-def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+def _rank(metrics: dict[str, float]) -> tuple[float, int]:
+    """Sort key of an epoch: higher accuracy first, then the earlier epoch."""
+    return metrics[METRIC], -metrics["epoch"]
+
+
+def _manager(directory: str, keep: int, *, create: bool = True) -> ocp.CheckpointManager:
+    policy = checkpoint_managers.AnyPreservationPolicy(
+        [
+            checkpoint_managers.LatestN(n=keep),
+            checkpoint_managers.BestN(get_metric_fn=_rank, n=1),
+        ]
+    )
+    options = ocp.CheckpointManagerOptions(
+        best_fn=_rank, best_mode="max", preservation_policy=policy, create=create
+    )
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
 class StageCheckpoints:
-    """The `last/` and `best/` checkpoint managers of one training stage."""
+    """The checkpoint manager of one training stage (newest `keep` epochs + the best)."""
 
     def __init__(self, directory: str, *, keep: int = 2) -> None:
         self.directory = os.path.abspath(directory)
-        self.last = _manager(os.path.join(self.directory, "last"), keep)
-        self.best = _manager(os.path.join(self.directory, "best"), 1)
+        self.manager = _manager(self.directory, keep)
 
     def restore_latest(self, target: Any) -> tuple[Any, dict[str, Any]] | None:
-        """`(state, meta)` of the newest checkpoint, restored onto `target`'s structure
-        and shardings, or None when the stage has none yet."""
-        return _restore(self.last, target)
+        """`(state, meta)` of the newest epoch, restored onto `target`'s structure and
+        shardings, or None when the stage has none yet."""
+        return self._restore(self.manager.latest_step(), target)
 
     def restore_best(self, target: Any) -> tuple[Any, dict[str, Any]] | None:
-        """`(state, meta)` of the best-accuracy checkpoint, or None."""
-        return _restore(self.best, target)
+        """`(state, meta)` of the best-accuracy epoch, or None."""
+        return self._restore(self.manager.best_step(), target)
 
-    def save(self, epoch: int, state: Any, meta: dict[str, Any], *, last: bool, best: bool) -> None:
-        """Saves `state` after `epoch` (1-based) to `last/` and/or `best/`."""
+    def save(self, epoch: int, state: Any, meta: dict[str, Any], test_accuracy: float) -> None:
+        """Saves `state` after `epoch` (1-based; greater than every saved epoch)."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        for wanted, manager in ((last, self.last), (best, self.best)):
-            if wanted:
-                manager.save(epoch, args=args)
+        self.manager.save(epoch, args=args, metrics={METRIC: test_accuracy, "epoch": epoch})
 
     def close(self) -> None:
-        """Waits for pending asynchronous saves and releases the managers."""
-        for manager in (self.last, self.best):
-            manager.wait_until_finished()
-            manager.close()
+        """Waits for pending asynchronous saves and releases the manager."""
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def _restore(self, step: int | None, target: Any) -> tuple[Any, dict[str, Any]] | None:
+        if step is None:
+            return None
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+            ),
+        )
+        return restored["state"], restored["meta"]
 
 
-def _restore(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, dict[str, Any]] | None:
-    step = manager.latest_step()
-    if step is None:
+def best_epoch(directory: str) -> int | None:
+    """The best saved epoch of the stage `directory`, or None when it holds none."""
+    if not os.path.isdir(directory):
         return None
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-        ),
-    )
-    return restored["state"], restored["meta"]
+    with _manager(directory, keep=1, create=False) as manager:
+        return manager.best_step()
+
+
+def _locate(path: str) -> tuple[str, int]:
+    """(stage directory, epoch) that `path` names: an epoch, or a stage's best epoch."""
+    if os.path.isdir(os.path.join(path, "state")) and os.path.basename(path).isdigit():
+        return os.path.dirname(path), int(os.path.basename(path))
+    step = best_epoch(path)
+    if step is None:
+        raise FileNotFoundError(
+            f"no checkpoint at {path!r}: expected a stage directory written by idsnn_jax "
+            "(holding <epoch>/state) or one epoch's directory"
+        )
+    return path, step
 
 
 def load_variables(path: str) -> dict[str, Any]:
-    """`{'params', 'batch_stats'}` of a saved model, as host arrays.
+    """`{'params', 'batch_stats'}` of a saved model, as host NumPy arrays.
 
-    `path` may be a stage directory written by this package (its best checkpoint is
-    used), a `last/` or `best/` directory (its newest epoch), or one epoch's directory.
+    `path` is a stage directory written by this package (its best epoch is used) or one
+    epoch's directory. Works whatever the number of devices the checkpoint was written on:
+    the arrays are restored onto this process's first device, not the saved sharding.
     """
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "best")):
-        path = os.path.join(path, "best")
-    if not os.path.isdir(os.path.join(path, "state")):
-        epochs = [int(d) for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
-        if not epochs:
-            raise FileNotFoundError(
-                f"no checkpoint at {path!r}: expected a stage directory (with best/ or last/), "
-                "a best/ or last/ directory, or an epoch directory holding state/"
-            )
-        path = os.path.join(path, str(max(epochs)))
-    with ocp.StandardCheckpointer() as checkpointer:
-        state = checkpointer.restore(os.path.join(path, "state"))
-    return {"params": state["params"], "batch_stats": state["batch_stats"]}
+    directory, step = _locate(os.path.abspath(path))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with _manager(directory, keep=1, create=False) as manager:
+        metadata = manager.item_metadata(step)["state"]
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata
+        )
+        restored = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )
+    state = restored["state"]
+    return jax.tree.map(
+        np.asarray, {"params": state["params"], "batch_stats": state["batch_stats"]}
+    )

@@ -6,13 +6,8 @@ notebooks call directly. Override any value with `--config.key=value`, e.g.
 resumes every stage where it stopped.
 """
 
-import os
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
-
-sys.path.insert(0, os.getcwd())  # so `configs/*.py` can `from configs import default`
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file.", lock_config=True

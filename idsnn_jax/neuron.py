@@ -47,12 +47,21 @@ SURROGATES: dict[str, Callable[[jax.Array, float], jax.Array]] = {
 }
 
 
-def check_neuron_args(surrogate: str, width: float) -> None:
-    """Raises ValueError for an unknown surrogate name or a non-positive width."""
+def check_neuron_args(
+    *, surrogate: str, surrogate_width: float, v_th: float = 0.5, decay: float = 0.25
+) -> None:
+    """Raises ValueError, naming the argument, for an unknown surrogate, a non-positive
+    surrogate width or threshold, or a decay outside [0, 1]."""
     if surrogate not in SURROGATES:
         raise ValueError(f"surrogate={surrogate!r} is unknown; choose one of {sorted(SURROGATES)}")
-    if not width > 0:
-        raise ValueError(f"width={width!r} must be > 0 (half-width of the surrogate window)")
+    if not surrogate_width > 0:
+        raise ValueError(
+            f"surrogate_width={surrogate_width!r} must be > 0 (half-width of the surrogate window)"
+        )
+    if not v_th > 0:
+        raise ValueError(f"v_th={v_th!r} must be > 0 (the firing threshold)")
+    if not 0 <= decay <= 1:
+        raise ValueError(f"decay={decay!r} must be in [0, 1] (membrane leak per time step)")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -117,7 +126,7 @@ def lif_scan(
       potential is kept in float32 whatever the input dtype, so bfloat16 compute does not
       accumulate rounding error over time.
     """
-    check_neuron_args(surrogate, width)
+    check_neuron_args(surrogate=surrogate, surrogate_width=width, v_th=v_th, decay=decay)
     if currents.ndim < 1:
         raise ValueError(f"currents must have a leading time axis, got shape {currents.shape}")
     x = currents.astype(jnp.promote_types(currents.dtype, jnp.float32))

@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
-import sys
 
+import ablation  # experiments/ is on pytest's pythonpath (pyproject.toml)
 import pytest
+import summarize
 
-_REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(_REPO), str(_REPO / "experiments")]
+from idsnn_jax import datasets
+from idsnn_jax.configs import cifar100, tiny
 
-import ablation  # noqa: E402
-import summarize  # noqa: E402
-
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_DIR = datasets.DEFAULT_FASHION_MNIST_DIR
 
 
 def _record(stage, epoch, acc, ips, **rates):
@@ -85,20 +82,8 @@ def test_summarize_finds_workdirs_under_a_root(tmp_path):
         summarize.summarize([str(tmp_path / "empty")])
 
 
-def _tiny_fashion_mnist_config():
-    from configs import fashion_mnist
-
-    config = fashion_mnist.get_config()
-    config.max_train_examples = 64
-    config.max_test_examples = 32
-    config.batch_size = 16
-    config.eval_batch_size = 16
-    config.teacher.model = "resnet18"  # compiles faster than resnet34; the mapping is the same
-    config.teacher.num_epochs = 1
-    config.student.num_epochs = 1
-    config.teacher.width = 0.0625
-    config.student.width = 0.0625
-    config.student.time_steps = 2
+def _tiny_config():
+    config = tiny.get_config()
     config.compare_baseline = True  # the ablation turns it off: baseline is its own variant
     return config
 
@@ -134,7 +119,7 @@ def compilation_cache(tmp_path_factory):
     reason=f"no Fashion-MNIST IDX files in {FASHION_MNIST_DIR}",
 )
 def test_ablation_shares_one_teacher(tmp_path, compilation_cache):
-    config = _tiny_fashion_mnist_config()
+    config = _tiny_config()
     root = tmp_path / "ablation"
 
     rows = ablation.run_ablation(config, str(root))
@@ -147,7 +132,8 @@ def test_ablation_shares_one_teacher(tmp_path, compilation_cache):
         (True, True),
     ]
     # The teacher was trained once, in teacher_run; no variant trained its own.
-    stage_dirs = {p.parent.relative_to(root).as_posix() for p in root.glob("*/*/best")}
+    # Checkpoints: <workdir>/<stage>/<epoch>/state.
+    stage_dirs = {p.parent.parent.relative_to(root).as_posix() for p in root.glob("*/*/*/state")}
     assert stage_dirs == {"teacher_run/teacher", *(f"{v}/student" for v in ablation.VARIANTS)}
     teacher_stages = [r["stage"] for r in summarize.summarize([str(root / "teacher_run")])]
     assert teacher_stages == ["teacher"]
@@ -180,12 +166,10 @@ def test_ablation_shares_one_teacher(tmp_path, compilation_cache):
 
 def test_ablation_rejects_unknown_variants(tmp_path):
     with pytest.raises(ValueError, match="unknown variants"):
-        ablation.run_ablation(_tiny_fashion_mnist_config(), str(tmp_path), ["idsnn", "kd"])
+        ablation.run_ablation(_tiny_config(), str(tmp_path), ["idsnn", "kd"])
 
 
 def test_paper_numbers_only_in_the_paper_setting():
-    from configs import cifar100
-
     config = cifar100.get_config()
     assert not ablation.is_paper_setting(config)  # T=4
     config.student.time_steps = 6

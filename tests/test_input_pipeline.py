@@ -1,271 +1,20 @@
-"""Tests for idsnn_jax.input_pipeline: loaders on real on-disk formats, batching, augmentation."""
+"""Tests for idsnn_jax.input_pipeline: host batching and device-side augmentation."""
 
 from __future__ import annotations
-
-import gzip
-import io
-import os
-import pickle
-import subprocess
-import sys
-import tarfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import data_idx_bytes
 
+from idsnn_jax import datasets
 from idsnn_jax import input_pipeline as ip
 
-FASHION_DIR = ip.DEFAULT_FASHION_MNIST_DIR
-HAVE_FASHION = os.path.isfile(os.path.join(FASHION_DIR, "t10k-labels-idx1-ubyte.gz"))
 
-
-def _split(n: int, shape=(4, 4, 3), seed: int = 0) -> ip.Split:
+def _split(n: int, shape=(4, 4, 3), seed: int = 0) -> datasets.Split:
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
-    return ip.Split(images, np.arange(n, dtype=np.int32))
-
-
-# --- DatasetInfo, Split ------------------------------------------------------------------------
-
-
-def test_dataset_info():
-    cifar10, cifar100 = ip.dataset_info("cifar10"), ip.dataset_info("cifar100")
-    assert (cifar10.num_classes, cifar100.num_classes) == (10, 100)
-    assert cifar10.image_shape == cifar100.image_shape == (32, 32, 3)
-    assert cifar10.mean == cifar100.mean == (0.5071, 0.4867, 0.4408)
-    assert cifar10.std == cifar100.std == (0.2675, 0.2565, 0.2761)
-    fmnist = ip.dataset_info("fashion_mnist")
-    assert (fmnist.image_shape, fmnist.mean, fmnist.std) == ((28, 28, 1), (0.2860,), (0.3530,))
-    with pytest.raises(ValueError, match="dataset='mnist'.*cifar10.*fashion_mnist"):
-        ip.dataset_info("mnist")
-
-
-def test_split_validates_dtypes_and_shapes():
-    images = np.zeros((3, 2, 2, 1), np.uint8)
-    with pytest.raises(ValueError, match="uint8"):
-        ip.Split(images.astype(np.float32), np.zeros(3, np.int32))
-    with pytest.raises(ValueError, match="int32"):
-        ip.Split(images, np.zeros(3, np.int64))
-    with pytest.raises(ValueError, match="int32"):
-        ip.Split(images, np.zeros(2, np.int32))
-    assert len(ip.Split(images, np.zeros(3, np.int32))) == 3
-
-
-def test_load_split_argument_errors(tmp_path):
-    with pytest.raises(ValueError, match="split='val'"):
-        ip.load_split("cifar10", "val", str(tmp_path))
-    with pytest.raises(ValueError, match="max_examples=0"):
-        ip.load_split("cifar10", "train", str(tmp_path), max_examples=0)
-
-
-# --- CIFAR official archives -------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("packed", [True, False], ids=["tar_gz", "extracted"])
-@pytest.mark.parametrize("fmt", ["binary", "python"])
-@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
-def test_load_cifar_official_formats(tmp_path, data_cifar_writer, name, fmt, packed):
-    written = data_cifar_writer(tmp_path, name, fmt, packed, per_file=3)
-    for split in ("train", "test"):
-        loaded = ip.load_split(name, split, str(tmp_path))
-        images, labels = written[split]
-        assert loaded.images.dtype == np.uint8 and loaded.labels.dtype == np.int32
-        assert loaded.images.flags.c_contiguous
-        np.testing.assert_array_equal(loaded.images, images)  # HWC from the CHW bytes
-        np.testing.assert_array_equal(loaded.labels, labels)  # the fine label for CIFAR-100
-    assert len(ip.load_split(name, "train", str(tmp_path))) == (15 if name == "cifar10" else 3)
-
-
-def test_cifar_binary_pixel_layout_is_chw(tmp_path):
-    # One hand-made record: R plane = 1, G plane = 2, B plane row y = y; label 7.
-    planes = np.stack(
-        [np.full((32, 32), 1), np.full((32, 32), 2), np.tile(np.arange(32), (32, 1)).T]
-    )
-    record = bytes([7]) + planes.astype(np.uint8).tobytes()
-    folder = tmp_path / "cifar-10-batches-bin"
-    folder.mkdir()
-    (folder / "test_batch.bin").write_bytes(record)
-    loaded = ip.load_split("cifar10", "test", str(tmp_path))
-    assert loaded.labels.tolist() == [7]
-    assert loaded.images[0, 5, 9].tolist() == [1, 2, 5]
-    assert loaded.images[0, 31, 0].tolist() == [1, 2, 31]
-
-
-def test_cifar_binary_preferred_and_max_examples(tmp_path, data_cifar_writer):
-    binary = data_cifar_writer(tmp_path, "cifar10", "binary", packed=True, per_file=4, seed=1)
-    data_cifar_writer(tmp_path, "cifar10", "python", packed=True, per_file=4, seed=2)
-    loaded = ip.load_split("cifar10", "train", str(tmp_path), max_examples=6)
-    np.testing.assert_array_equal(loaded.images, binary["train"][0][:6])
-    np.testing.assert_array_equal(loaded.labels, binary["train"][1][:6])
-
-
-def test_pickle_written_by_modern_numpy_loads(tmp_path):
-    data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
-    folder = tmp_path / "cifar-100-python"
-    folder.mkdir()
-    batch = {b"data": data, b"fine_labels": [3, 99], b"coarse_labels": [0, 1]}
-    (folder / "test").write_bytes(pickle.dumps(batch, protocol=5))
-    loaded = ip.load_split("cifar100", "test", str(tmp_path))
-    np.testing.assert_array_equal(loaded.images, data.reshape(2, 3, 32, 32).transpose(0, 2, 3, 1))
-    assert loaded.labels.tolist() == [3, 99]
-
-
-class _Exploit:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-@pytest.mark.parametrize("packed", [True, False])
-def test_malicious_pickle_is_refused(tmp_path, packed):
-    marker = tmp_path / "pwned"
-    payload = pickle.dumps({b"data": _Exploit(marker), b"labels": [0]}, protocol=4)
-    if packed:
-        with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
-            info = tarfile.TarInfo("cifar-10-batches-py/test_batch")
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    else:
-        (tmp_path / "cifar-10-batches-py").mkdir()
-        (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(payload)
-    with pytest.raises(ValueError, match=r"Refusing to load global (posix|os|nt)\.system"):
-        ip.load_split("cifar10", "test", str(tmp_path))
-    assert not marker.exists()
-    with pytest.raises(pickle.UnpicklingError, match="builtins.eval"):
-        ip._ArrayOnlyUnpickler(io.BytesIO(pickle.dumps(eval))).load()
-
-
-def test_truncated_binary_gives_clear_error(tmp_path):
-    folder = tmp_path / "cifar-100-binary"
-    folder.mkdir()
-    (folder / "test.bin").write_bytes(bytes(2 * 3074 + 100))
-    with pytest.raises(ValueError, match=r"test.bin: 6248 bytes.*3074-byte.*truncated"):
-        ip.load_split("cifar100", "test", str(tmp_path))
-
-
-def test_bad_cifar_contents_give_clear_errors(tmp_path):
-    bad_label, empty_archive, no_labels = (tmp_path / d for d in ("a", "b", "c"))
-    (bad_label / "cifar-10-batches-bin").mkdir(parents=True)
-    record = bytes([10]) + bytes(3072)  # label 10 of 10 classes
-    (bad_label / "cifar-10-batches-bin" / "test_batch.bin").write_bytes(record)
-    with pytest.raises(ValueError, match=r"labels must be N values in \[0, 10\)"):
-        ip.load_split("cifar10", "test", str(bad_label))
-    empty_archive.mkdir()
-    with tarfile.open(empty_archive / "cifar-100-binary.tar.gz", "w:gz"):
-        pass  # an archive without the batch files
-    with pytest.raises(ValueError, match="has no member cifar-100-binary/train.bin"):
-        ip.load_split("cifar100", "train", str(empty_archive))
-    (no_labels / "cifar-100-python").mkdir(parents=True)
-    (no_labels / "cifar-100-python" / "test").write_bytes(pickle.dumps({b"data": [1]}))
-    with pytest.raises(ValueError, match="keys b'data' and b'fine_labels'"):
-        ip.load_split("cifar100", "test", str(no_labels))
-
-
-def test_offline_path_never_imports_tensorflow(data_cifar10_dir):
-    code = (
-        "import sys; from idsnn_jax import input_pipeline as ip; "
-        f"s = ip.load_split('cifar10', 'train', {str(data_cifar10_dir)!r}); "
-        "assert s.images.shape == (40, 32, 32, 3), s.images.shape; "
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('tensorflow', 'tensorflow_datasets')))"
-    )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
-
-
-# --- Fashion-MNIST IDX -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("gz", [True, False])
-def test_load_idx(tmp_path, gz):
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
-    labels = np.array([9, 0, 3, 3, 1], np.uint8)
-    for stem, array in (("t10k-images-idx3-ubyte", images), ("t10k-labels-idx1-ubyte", labels)):
-        if gz:
-            with gzip.open(tmp_path / f"{stem}.gz", "wb") as f:
-                f.write(data_idx_bytes(array))
-        else:
-            (tmp_path / stem).write_bytes(data_idx_bytes(array))
-    loaded = ip.load_split("fashion_mnist", "test", str(tmp_path), max_examples=4)
-    np.testing.assert_array_equal(loaded.images, images[:4, :, :, None])
-    assert loaded.labels.dtype == np.int32 and loaded.labels.tolist() == [9, 0, 3, 3]
-
-
-def test_bad_idx_gives_clear_errors(tmp_path):
-    labels = tmp_path / "train-labels-idx1-ubyte"
-    (tmp_path / "train-images-idx3-ubyte").write_bytes(data_idx_bytes(np.zeros((2, 28, 28))))
-    labels.write_bytes(data_idx_bytes(np.zeros((2, 1))))  # 2 dims where 1 is expected
-    with pytest.raises(ValueError, match="bad IDX magic 00000802; expected 00000801"):
-        ip.load_split("fashion_mnist", "train", str(tmp_path))
-    labels.write_bytes(data_idx_bytes(np.zeros(3))[:-1])
-    with pytest.raises(ValueError, match=r"do not match the IDX header dims \(3,\)"):
-        ip.load_split("fashion_mnist", "train", str(tmp_path))
-    labels.write_bytes(data_idx_bytes(np.zeros(3)))
-    with pytest.raises(ValueError, match="2 train images but 3 labels"):
-        ip.load_split("fashion_mnist", "train", str(tmp_path))
-
-
-@pytest.mark.skipif(not HAVE_FASHION, reason="needs `apt-get install dataset-fashion-mnist`")
-def test_real_fashion_mnist():
-    test = ip.load_split("fashion_mnist", "test")
-    assert test.images.shape == (10000, 28, 28, 1) and test.images.dtype == np.uint8
-    assert np.bincount(test.labels).tolist() == [1000] * 10
-    with gzip.open(os.path.join(FASHION_DIR, "t10k-labels-idx1-ubyte.gz")) as f:
-        reference = np.frombuffer(f.read(), np.uint8, offset=8)
-    np.testing.assert_array_equal(test.labels, reference)
-    assert test.labels[:10].tolist() == [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]
-    train = ip.load_split("fashion_mnist", "train")
-    assert train.images.shape == (60000, 28, 28, 1)
-    pixels = train.images / 255.0  # DatasetInfo's statistics are those of the train split.
-    info = ip.dataset_info("fashion_mnist")
-    np.testing.assert_allclose(
-        [pixels.mean(), pixels.std()], [info.mean[0], info.std[0]], atol=5e-4
-    )
-
-
-# --- TFDS and missing data ---------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("name", "shape"), [("cifar100", (32, 32, 3)), ("fashion_mnist", (28, 28, 1))]
-)
-def test_tfds_data_source_under_mock(tmp_path, name, shape):
-    tfds = pytest.importorskip("tensorflow_datasets")
-    with tfds.testing.mock_data(num_examples=6):
-        loaded = ip.load_split(name, "test", str(tmp_path))
-        short = ip.load_split(name, "test", str(tmp_path), max_examples=4)
-        source = tfds.data_source(name, split="test", download=False)
-        reference = [source[i] for i in range(6)]
-    assert loaded.images.shape == (6, *shape) and loaded.images.dtype == np.uint8
-    np.testing.assert_array_equal(loaded.images, np.stack([ex["image"] for ex in reference]))
-    assert loaded.labels.dtype == np.int32
-    assert loaded.labels.tolist() == [int(ex["label"]) for ex in reference]
-    np.testing.assert_array_equal(short.images, loaded.images[:4])
-    assert "tensorflow" not in sys.modules
-
-
-@pytest.mark.parametrize("name", ["cifar10", "fashion_mnist"])
-def test_missing_data_lists_every_place_looked(tmp_path, name):
-    with pytest.raises(FileNotFoundError) as err:
-        ip.load_split(name, "train", str(tmp_path))
-    message = str(err.value)
-    if name == "cifar10":
-        expected = ["cifar-10-batches-bin", "cifar-10-binary.tar.gz", "cifar-10-batches-py"]
-        expected += ["cifar-10-python.tar.gz", "cifar-10-binary.tar.gz into data_dir"]
-    else:
-        expected = ["train-images-idx3-ubyte", "train-images-idx3-ubyte.gz"]
-        expected += ["train-labels-idx1-ubyte.gz", "apt-get install dataset-fashion-mnist"]
-    for piece in expected + [str(tmp_path), f"TFDS '{name}'", f"tfds build {name}"]:
-        assert piece in message, (piece, message)
+    return datasets.Split(images, np.arange(n, dtype=np.int32))
 
 
 # --- Host batching -----------------------------------------------------------------------------
@@ -425,7 +174,7 @@ def test_augment_border_of_shifted_crop_is_zero():
 
 
 def test_normalize_matches_numpy():
-    info = ip.dataset_info("cifar10")
+    info = datasets.dataset_info("cifar10")
     images = np.random.default_rng(2).integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
     expected = (images / 255.0 - np.array(info.mean)) / np.array(info.std)
     out = ip.normalize(jnp.asarray(images), info)
@@ -439,7 +188,7 @@ def test_normalize_matches_numpy():
 
 
 def test_preprocess_pads_before_normalizing():
-    info = ip.dataset_info("cifar100")
+    info = datasets.dataset_info("cifar100")
     images = jnp.full((16, 32, 32, 3), 128, jnp.uint8)
     rng = jax.random.key(5)
     step = jax.jit(lambda r, x: ip.preprocess(r, x, info, train=True))

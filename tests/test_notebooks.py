@@ -19,8 +19,10 @@ import urllib.request
 
 import pytest
 
+from idsnn_jax import datasets
+
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_DIR = datasets.DEFAULT_FASHION_MNIST_DIR
 
 
 def code_cells(path: pathlib.Path) -> list[str]:
@@ -64,7 +66,7 @@ def test_quickstart_runs_top_to_bottom(tmp_path, monkeypatch):
         )
     path = NOTEBOOKS / "quickstart.ipynb"
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("IDSNN_QUICKSTART_TINY", "1")  # one epoch on 512 images
+    monkeypatch.setenv("IDSNN_QUICKSTART_TINY", "1")  # configs/tiny.py: 64 images, 1 epoch
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the notebook's workdir goes here
     monkeypatch.setattr(urllib.request, "urlretrieve", _forbidden("download"))
     monkeypatch.setattr(urllib.request, "urlopen", _forbidden("download"))

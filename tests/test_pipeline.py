@@ -1,6 +1,7 @@
-"""The whole pipeline on tiny real-format data: stages, files, resume, teacher reuse, config
-errors, and the CLI. The test process has 4 CPU devices (conftest), so all of this runs
-data-parallel."""
+"""The whole pipeline on tiny real-format data: stages, files, teacher reuse across device
+counts, the seams between stages (the student's start, the teacher it learns from, resume of
+distillation), config errors before any work, and the CLI. The test process has 4 CPU
+devices (conftest), so all of this runs data-parallel."""
 
 from __future__ import annotations
 
@@ -10,31 +11,26 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
-import numpy as np
 import pytest
 
-from configs import default
-from idsnn_jax import input_pipeline, pipeline, train
+from idsnn_jax import checkpoints, pipeline, steps, train
+from idsnn_jax.configs import tiny
+from idsnn_jax.datasets import dataset_info
 from idsnn_jax.logs import MetricLogger
-from idsnn_jax.models import create_model
+from idsnn_jax.transfer import init_snn_from_ann
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(dataset: str, data_dir, **overrides):
-    config = default.get_config()
+    """`configs/tiny.py` on `dataset` in `data_dir`, with dotted-key overrides."""
+    config = tiny.get_config()
     config.dataset = dataset
     config.data_dir = None if data_dir is None else str(data_dir)
-    config.batch_size = 8
-    config.eval_batch_size = 8
-    config.teacher.model = "resnet18"
-    config.teacher.width = 0.0625
-    config.teacher.num_epochs = 1
-    config.student.width = 0.0625
-    config.student.time_steps = 2
-    config.student.num_epochs = 1
-    config.log_every_steps = 2
+    config.max_train_examples = None
+    config.max_test_examples = None
     for key, value in overrides.items():
         _set(config, key, value)
     return config
@@ -76,7 +72,7 @@ def test_pipeline_on_cifar_archive_then_rerun_skips(data_cifar10_dir, tmp_path):
     assert "firing_rate/stem/act" in rates and all(0 <= v <= 1 for v in rates.values())
     assert not any(k.startswith("firing_rate/") for k in records[0])  # the ANN has no spikes
     for stage in ("teacher", "student"):
-        assert os.listdir(workdir / stage / "last") and os.listdir(workdir / stage / "best")
+        assert os.listdir(workdir / stage) == ["1"]
         assert os.listdir(workdir / "tensorboard" / stage)
     assert json.loads((workdir / "summary.json").read_text()) == summary
     report = (workdir / "student_transfer_report.txt").read_text()
@@ -125,60 +121,6 @@ def test_pipeline_on_idx_with_teacher_reuse(data_fashion_mnist_dir, tmp_path):
         pipeline.run(wrong, str(tmp_path / "third"))
 
 
-def _fit(ctx, epochs: int):
-    model = create_model("resnet18", num_classes=10, width=0.0625, bn_axis_name="batch")
-    return train.fit(
-        ctx,
-        stage="teacher",
-        model=model,
-        mode="ann",
-        num_epochs=epochs,
-        variables=train.init_variables(model, ctx.info, 0),
-    )
-
-
-def test_resume_after_crash_equals_uninterrupted_run(data_fashion_mnist_dir, tmp_path):
-    info = input_pipeline.dataset_info("fashion_mnist")
-    splits = [
-        input_pipeline.load_split("fashion_mnist", s, str(data_fashion_mnist_dir))
-        for s in ("train", "test")
-    ]
-    config = tiny_config(
-        "fashion_mnist", data_fashion_mnist_dir, **{"optimizer.lr_milestones": (1,)}
-    )
-    mesh = train.create_mesh()
-
-    def ctx(workdir, writer_cls=MetricLogger):
-        return train.RunContext(config, str(workdir), *splits, info, mesh, writer_cls(str(workdir)))
-
-    straight = _fit(ctx(tmp_path / "straight"), 2)
-
-    class CrashAtEpoch2(MetricLogger):
-        def write(self, stage, epoch, metrics):
-            if epoch == 2:
-                raise KeyboardInterrupt("simulated crash before epoch 2 is saved")
-            super().write(stage, epoch, metrics)
-
-    with pytest.raises(KeyboardInterrupt):
-        _fit(ctx(tmp_path / "resumed", CrashAtEpoch2), 2)
-    assert sorted(os.listdir(tmp_path / "resumed" / "teacher" / "last")) == ["1"]
-    resumed = _fit(ctx(tmp_path / "resumed"), 2)
-
-    assert [r["epoch"] for r in _records(tmp_path / "resumed")] == [1, 2]
-    timing = {"images_per_sec", "epoch_seconds"}
-    for got, want in zip(resumed.history, straight.history, strict=True):
-        assert {k: v for k, v in got.items() if k not in timing} == {
-            k: v for k, v in want.items() if k not in timing
-        }
-    for a, b in zip(
-        jax.tree.leaves(jax.device_get(resumed.state)),
-        jax.tree.leaves(jax.device_get(straight.state)),
-        strict=True,
-    ):
-        np.testing.assert_array_equal(a, b)
-    assert resumed.history[1]["lr"] == pytest.approx(0.005)  # x0.1 at the epoch-1 milestone
-
-
 @pytest.mark.parametrize(
     "key, value",
     [
@@ -198,12 +140,24 @@ def test_resume_after_crash_equals_uninterrupted_run(data_fashion_mnist_dir, tmp
         ("max_train_examples", 4),  # fewer than one batch
         ("dtype", "float16"),
         ("checkpoint_every_epochs", 0),
+        ("teacher.num_epochs", 0),
+        ("student.num_epochs", 0),
+        ("student.neuron.surrogate", "nope"),
+        ("student.neuron.surrogate_width", -0.5),
+        ("student.neuron.v_th", 0.0),
+        ("student.neuron.decay", 1.5),
+        ("student.stem_padding", -1),
+        ("optimizer.learning_rate", 0.0),
+        ("optimizer.lr_interval", -2),
+        ("augment.crop_padding", -1),
+        ("kd_alpha", -1.0),
     ],
 )
 def test_invalid_config_names_the_key(key, value, tmp_path):
     config = tiny_config("cifar10", tmp_path / "no_data_here")
     _set(config, key, value)
-    # Validation comes before any work: the missing data would otherwise raise first.
+    # Validation comes before any work (before the teacher trains): the missing data would
+    # otherwise raise first.
     with pytest.raises(ValueError, match=f"config.{key}="):
         pipeline.run(config, str(tmp_path / "wd"))
     assert not (tmp_path / "wd").exists()
@@ -214,40 +168,109 @@ def test_missing_data_says_where_it_looked(tmp_path):
         pipeline.run(tiny_config("cifar10", tmp_path), str(tmp_path / "wd"))
 
 
-def test_cli_runs_and_rejects_unknown_keys(data_fashion_mnist_dir, tmp_path):
-    base = [
-        sys.executable,
-        "-m",
-        "idsnn_jax.main",
-        "--config=configs/fashion_mnist.py",
-        f"--workdir={tmp_path}",
-        f"--config.data_dir={data_fashion_mnist_dir}",
-    ]
+def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m idsnn_jax.main --config=configs/tiny.py ARGS` on ONE CPU device."""
+    cmd = [sys.executable, "-m", "idsnn_jax.main", "--config=configs/tiny.py", *args]
     env = {**os.environ, "XLA_FLAGS": ""}
-    bad = subprocess.run(
-        [*base, "--config.student.time_step=2"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_rejects_unknown_keys(tmp_path):
+    bad = _cli(f"--workdir={tmp_path}", "--config.student.time_step=2", timeout=120)
     assert bad.returncode != 0 and "time_step" in bad.stderr
-    tiny = [
-        "--config.max_train_examples=16",
-        "--config.batch_size=8",
-        "--config.eval_batch_size=12",
-        "--config.teacher.num_epochs=1",
-        "--config.student.num_epochs=1",
-        "--config.teacher.width=0.0625",
-        "--config.student.width=0.0625",
-        "--config.student.time_steps=2",
-        "--config.compare_baseline=False",
+
+
+def test_checkpoints_move_between_device_counts(data_fashion_mnist_dir, tmp_path):
+    """A teacher saved on 4 devices distils a student on 1 (through the CLI), and that
+    student, saved on 1 device, resumes on 4."""
+    assert jax.device_count() == 4
+    four = tmp_path / "four"
+    pipeline.run(tiny_config("fashion_mnist", data_fashion_mnist_dir), str(four))
+
+    one = tmp_path / "one"
+    reuse = [
+        f"--config.data_dir={data_fashion_mnist_dir}",
+        f"--config.teacher.checkpoint={four}/teacher",
     ]
-    out = subprocess.run(
-        [*base, *tiny], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
+    out = _cli(f"--workdir={one}", *reuse)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "summary:" in out.stdout
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert 0 <= summary["student_best_accuracy"] <= 1
+    assert "summary:" in out.stdout and "1 device(s)" in out.stdout
+    assert [r["stage"] for r in _records(one)] == ["student"]
+
+    config = tiny_config(
+        "fashion_mnist",
+        data_fashion_mnist_dir,
+        **{"teacher.checkpoint": str(four / "teacher"), "student.num_epochs": 2},
+    )
+    summary = pipeline.run(config, str(one))
+    assert [(r["stage"], r["epoch"]) for r in _records(one)] == [("student", 1), ("student", 2)]
+    assert summary["student_epochs"] == 2
+
+
+def test_student_starts_from_the_best_teacher_epoch(data_fashion_mnist_dir, tmp_path, monkeypatch):
+    """The student's step-0 variables are init_snn_from_ann(teacher of its best epoch, fresh
+    student), and it distils from that same epoch: not the last one. The teacher's test
+    accuracies are scripted (0.3, 0.7, 0.5), so its best epoch is 2 of 3."""
+    scripted = iter([0.3, 0.7, 0.5])
+    real_evaluate, real_fit = train.evaluate, train.fit
+    fits = {}
+
+    def evaluate(*args, **kwargs):
+        out = real_evaluate(*args, **kwargs)
+        return out | {"accuracy": next(scripted, out["accuracy"])}
+
+    def fit(ctx, *, stage, **kwargs):
+        fits[stage] = kwargs
+        return real_fit(ctx, stage=stage, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(train, "fit", fit)
+    config = tiny_config(
+        "fashion_mnist", data_fashion_mnist_dir, **{"teacher.num_epochs": 3, "checkpoint_keep": 1}
+    )
+    summary = pipeline.run(config, str(tmp_path))
+    teacher_records = [r for r in _records(tmp_path) if r["stage"] == "teacher"]
+    assert [r["test_accuracy"] for r in teacher_records] == [0.3, 0.7, 0.5]
+    assert summary["teacher_best_accuracy"] == 0.7
+
+    best = checkpoints.load_variables(str(tmp_path / "teacher" / "2"))
+    last = checkpoints.load_variables(str(tmp_path / "teacher" / "3"))
+    student_model = fits["student"]["model"]
+    fresh = steps.init_variables(student_model, dataset_info(config.dataset), config.seed + 1)
+    expected = init_snn_from_ann(best, fresh)
+    chex.assert_trees_all_equal(
+        jax.device_get(fits["student"]["variables"]), jax.device_get(expected)
+    )
+    teacher_used = fits["student"]["teacher"][1]
+    chex.assert_trees_all_equal(teacher_used, best)
+    with pytest.raises(AssertionError):  # the test can tell the best epoch from the last
+        chex.assert_trees_all_equal(teacher_used, last)
+
+
+def test_distillation_resumes_exactly(data_fashion_mnist_dir, tmp_path, monkeypatch):
+    """A crash while the student's epoch 2 is recorded, then the same call again, ends with
+    the student variables and records of an uninterrupted run."""
+    config = tiny_config("fashion_mnist", data_fashion_mnist_dir, **{"student.num_epochs": 2})
+    pipeline.run(config, str(tmp_path / "straight"))
+
+    class CrashAtStudentEpoch2(MetricLogger):
+        def write(self, stage, epoch, metrics):
+            if (stage, epoch) == ("student", 2):
+                raise KeyboardInterrupt("simulated crash")
+            super().write(stage, epoch, metrics)
+
+    monkeypatch.setattr(pipeline, "MetricLogger", CrashAtStudentEpoch2)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(config, str(tmp_path / "resumed"))
+    monkeypatch.setattr(pipeline, "MetricLogger", MetricLogger)
+    pipeline.run(config, str(tmp_path / "resumed"))
+
+    timing = {"images_per_sec", "epoch_seconds", "time"}
+    runs = [_records(tmp_path / name) for name in ("straight", "resumed")]
+    assert [[{k: v for k, v in r.items() if k not in timing} for r in run] for run in runs][0] == [
+        [{k: v for k, v in r.items() if k not in timing} for r in run] for run in runs
+    ][1]
+    chex.assert_trees_all_equal(
+        checkpoints.load_variables(str(tmp_path / "straight" / "student" / "2")),
+        checkpoints.load_variables(str(tmp_path / "resumed" / "student" / "2")),
+    )

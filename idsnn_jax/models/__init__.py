@@ -44,6 +44,9 @@ def create_model(name: str, *, num_classes: int, width: float = 1.0, **kwargs: A
         raise ValueError(f"num_classes={num_classes!r} must be an integer >= 1")
     if not width > 0:
         raise ValueError(f"width={width!r} must be > 0 (multiplier of 64, 128, 256, 512 channels)")
+    stem_padding = kwargs.get("stem_padding", 1)
+    if not (isinstance(stem_padding, int) and stem_padding >= 0):
+        raise ValueError(f"stem_padding={stem_padding!r} must be an integer >= 0")
     return MODELS[name](num_classes=num_classes, width=width, **kwargs)
 
 

@@ -71,7 +71,7 @@ def spiking_resnet(
     """
     if not (isinstance(time_steps, int) and time_steps >= 1):
         raise ValueError(f"time_steps={time_steps!r} must be an integer >= 1")
-    check_neuron_args(surrogate, surrogate_width)
+    check_neuron_args(surrogate=surrogate, surrogate_width=surrogate_width, v_th=v_th, decay=decay)
     act = functools.partial(
         LIF,
         time_steps=time_steps,

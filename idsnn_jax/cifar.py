@@ -1,0 +1,157 @@
+"""The official CIFAR-10/100 archives, read with NumPy alone (no TensorFlow, no download).
+
+Why this file exists: `idsnn_jax.datasets.load_split` first looks for the files a user gets from
+https://www.cs.toronto.edu/~kriz/cifar.html: the binary or the python version, as the
+``.tar.gz`` or extracted. The binary batches are fixed-size records parsed with NumPy. The
+python batches are pickles, so they go through an unpickler that resolves only the few NumPy
+globals an array needs: a crafted file cannot run code. `load_cifar` is the one entry point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import os
+import pickle
+import tarfile
+from collections.abc import Callable
+
+import numpy as np
+
+_NUMPY_CORE = "numpy._core" if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else "numpy.core"
+# The only globals a pickled uint8 array needs. NumPy 1 (the official files) writes numpy.core.*,
+# NumPy 2 writes numpy._core.*; both resolve to this NumPy's module.
+_PICKLE_GLOBALS = {
+    ("numpy", "ndarray"): ("numpy", "ndarray"),
+    ("numpy", "dtype"): ("numpy", "dtype"),
+    **{
+        (f"{core}.{module}", name): (f"{_NUMPY_CORE}.{module}", name)
+        for core in ("numpy.core", "numpy._core")
+        for module, name in (("multiarray", "_reconstruct"), ("numeric", "_frombuffer"))
+    },
+}
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only `_PICKLE_GLOBALS`, so a crafted file cannot run code.
+
+    The CIFAR python batches are Python 2 pickles of dicts of lists, bytes and one uint8 array.
+    """
+
+    def find_class(self, module: str, name: str):
+        target = _PICKLE_GLOBALS.get((module, name))
+        if target is None:
+            raise pickle.UnpicklingError(
+                f"Refusing to load global {module}.{name}: a CIFAR batch only needs NumPy "
+                "array reconstruction."
+            )
+        return super().find_class(*target)
+
+
+def _parse_cifar_binary(raw: bytes, source: str, *, label_bytes: int):
+    """Parses records of `label_bytes` label bytes + 3072 CHW pixel bytes (last label = fine)."""
+    record = label_bytes + 3 * 32 * 32
+    if not raw or len(raw) % record:
+        raise ValueError(
+            f"{source}: {len(raw)} bytes is not a whole number of {record}-byte CIFAR records; "
+            "the file is truncated or not a CIFAR binary batch."
+        )
+    rows = np.frombuffer(raw, np.uint8).reshape(-1, record)
+    return rows[:, label_bytes:], rows[:, label_bytes - 1]
+
+
+def _parse_cifar_pickle(raw: bytes, source: str, *, label_key: bytes):
+    """Parses a python-version batch: dict with b'data' uint8 (N, 3072) and `label_key`."""
+    try:
+        batch = _ArrayOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as err:
+        raise ValueError(f"{source}: not a readable CIFAR python batch ({err}).") from err
+    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+        raise ValueError(f"{source}: expected a dict with keys b'data' and {label_key!r}.")
+    return np.asarray(batch[b"data"]), np.asarray(batch[label_key])
+
+
+@dataclasses.dataclass(frozen=True)
+class _CifarLayout:
+    archive: str  # file name of the official .tar.gz
+    folder: str  # top folder inside it (also the extracted folder)
+    members: dict[str, tuple[str, ...]]  # split -> file names inside `folder`
+    parse: Callable[[bytes, str], tuple[np.ndarray, np.ndarray]]  # -> pixels, labels
+
+
+_CIFAR10_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+_CIFAR_LAYOUTS = {  # Binary first: it needs no unpickling.
+    "cifar10": (
+        _CifarLayout(
+            "cifar-10-binary.tar.gz",
+            "cifar-10-batches-bin",
+            {"train": tuple(f"{b}.bin" for b in _CIFAR10_BATCHES), "test": ("test_batch.bin",)},
+            functools.partial(_parse_cifar_binary, label_bytes=1),
+        ),
+        _CifarLayout(
+            "cifar-10-python.tar.gz",
+            "cifar-10-batches-py",
+            {"train": _CIFAR10_BATCHES, "test": ("test_batch",)},
+            functools.partial(_parse_cifar_pickle, label_key=b"labels"),
+        ),
+    ),
+    "cifar100": (
+        _CifarLayout(
+            "cifar-100-binary.tar.gz",
+            "cifar-100-binary",
+            {"train": ("train.bin",), "test": ("test.bin",)},
+            functools.partial(_parse_cifar_binary, label_bytes=2),
+        ),
+        _CifarLayout(
+            "cifar-100-python.tar.gz",
+            "cifar-100-python",
+            {"train": ("train",), "test": ("test",)},
+            functools.partial(_parse_cifar_pickle, label_key=b"fine_labels"),
+        ),
+    ),
+}
+
+
+def _read_cifar_members(layout: _CifarLayout, split: str, data_dir: str, looked: list[str]):
+    """Yields (source, raw bytes) for each batch file of `split`, extracted folder first."""
+    folder = os.path.join(data_dir, layout.folder)
+    archive = os.path.join(data_dir, layout.archive)
+    looked += [folder + os.sep, archive]
+    if os.path.isdir(folder):
+        for member in layout.members[split]:
+            path = os.path.join(folder, member)
+            with open(path, "rb") as f:
+                yield path, f.read()
+    elif os.path.isfile(archive):
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in layout.members[split]:
+                name = f"{layout.folder}/{member}"
+                try:
+                    yield f"{archive}:{name}", tar.extractfile(name).read()
+                except KeyError as err:
+                    raise ValueError(f"{archive} has no member {name}; is it corrupt?") from err
+
+
+def load_cifar(
+    name: str, split: str, data_dir: str, looked: list[str], *, num_classes: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Reads `split` of `name` ('cifar10' or 'cifar100') from the first official layout found.
+
+    Returns images uint8 (N, 32, 32, 3) and labels int32 (N,), or None when `data_dir` holds
+    none of the layouts. Appends every path it tried to `looked`; labels must be in
+    [0, `num_classes`).
+    """
+    for layout in _CIFAR_LAYOUTS[name]:
+        images, labels = [], []
+        for source, raw in _read_cifar_members(layout, split, data_dir, looked):
+            data, label = layout.parse(raw, source)
+            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+                raise ValueError(f"{source}: pixel data must be uint8 (N, 3072), got {data.shape}.")
+            if label.shape != data.shape[:1] or label.min() < 0 or label.max() >= num_classes:
+                raise ValueError(f"{source}: labels must be N values in [0, {num_classes}).")
+            images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # CHW -> HWC
+            labels.append(label.astype(np.int32))
+        if images:
+            return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
+    return None

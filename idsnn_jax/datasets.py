@@ -1,0 +1,198 @@
+"""Datasets as host NumPy arrays: CIFAR-10/100 and Fashion-MNIST, read from files.
+
+Why this file exists: training needs CIFAR-10/100 and Fashion-MNIST without TensorFlow (an
+optional extra) and, often, without internet. So `load_split` reads, in order,
+
+* the official CIFAR archives (binary or python version, ``.tar.gz`` or extracted) in
+  ``data_dir``, parsed with NumPy by `idsnn_jax.cifar` (pickles through an unpickler that
+  only resolves the few NumPy globals an array needs);
+* Fashion-MNIST IDX files (``apt-get install dataset-fashion-mnist`` puts them in
+  `DEFAULT_FASHION_MNIST_DIR`);
+* TFDS ``data_source`` over prepared ArrayRecord files (random access, no TensorFlow; decoding
+  the stored PNGs needs Pillow or OpenCV). ``tensorflow_datasets`` is imported only here.
+
+A whole split fits in host memory (CIFAR train: 150 MB of uint8); batching and augmentation
+are in `idsnn_jax.input_pipeline`.
+
+Testing note (tfds 4.9.10, no TensorFlow installed): ``tfds.testing.mock_data`` does mock
+``tfds.data_source`` (item access ``source[i]`` works; the mock's ``__getitems__`` does not,
+hence items are read one at a time); ``tfds.load``/``as_numpy`` under the mock need TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+
+import numpy as np
+
+from idsnn_jax import cifar
+
+DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+SPLITS = ("train", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a dataset; hashable, so it can be a static jit argument."""
+
+    name: str
+    num_classes: int
+    image_shape: tuple[int, int, int]  # (H, W, C)
+    mean: tuple[float, ...]  # per channel, in [0, 1] pixel units
+    std: tuple[float, ...]
+
+
+_CIFAR_MEAN = (0.5071, 0.4867, 0.4408)  # The reference uses CIFAR-100 statistics for both.
+_CIFAR_STD = (0.2675, 0.2565, 0.2761)
+_INFOS = {
+    "cifar10": DatasetInfo("cifar10", 10, (32, 32, 3), _CIFAR_MEAN, _CIFAR_STD),
+    "cifar100": DatasetInfo("cifar100", 100, (32, 32, 3), _CIFAR_MEAN, _CIFAR_STD),
+    "fashion_mnist": DatasetInfo("fashion_mnist", 10, (28, 28, 1), (0.2860,), (0.3530,)),
+}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """Returns the `DatasetInfo` for `name` ('cifar10', 'cifar100' or 'fashion_mnist')."""
+    if name not in _INFOS:
+        raise ValueError(f"name={name!r} is an unknown dataset; known: {sorted(_INFOS)}.")
+    return _INFOS[name]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: arrays have no truth value.
+class Split:
+    """One split in host memory: images uint8 (N, H, W, C), labels int32 (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self):
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise ValueError(
+                f"Split.images must be uint8 (N, H, W, C), got {self.images.dtype} "
+                f"{self.images.shape}."
+            )
+        if self.labels.dtype != np.int32 or self.labels.shape != self.images.shape[:1]:
+            raise ValueError(
+                f"Split.labels must be int32 of shape {self.images.shape[:1]}, got "
+                f"{self.labels.dtype} {self.labels.shape}."
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+# --- Fashion-MNIST: IDX files ---------------------------------------------------------------------
+
+
+def _parse_idx(raw: bytes, source: str, ndim: int) -> np.ndarray:
+    """Parses an IDX file of unsigned bytes: magic 0,0,0x08,ndim; ndim big-endian uint32 dims."""
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08" or raw[3] != ndim:
+        raise ValueError(
+            f"{source}: bad IDX magic {raw[:4].hex()}; expected 000008{ndim:02x} "
+            f"(unsigned bytes, {ndim} dims)."
+        )
+    header = 4 + 4 * ndim
+    dims = tuple(int(d) for d in np.frombuffer(raw[4:header], ">u4")) if len(raw) >= header else ()
+    if len(dims) != ndim or len(raw) - header != int(np.prod(dims)):
+        raise ValueError(
+            f"{source}: {len(raw)} bytes do not match the IDX header dims {dims}; truncated?"
+        )
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+
+
+def _read_idx(data_dir: str, stem: str, ndim: int, looked: list[str]) -> np.ndarray | None:
+    """Reads `stem` or `stem.gz` from `data_dir`, else None."""
+    for suffix, opener in (("", open), (".gz", gzip.open)):
+        path = os.path.join(data_dir, stem + suffix)
+        looked.append(path)
+        if os.path.isfile(path):
+            with opener(path, "rb") as f:
+                return _parse_idx(f.read(), path, ndim)
+    return None
+
+
+def _load_fashion_mnist(split: str, data_dir: str, looked: list[str]) -> Split | None:
+    prefix = {"train": "train", "test": "t10k"}[split]
+    images = _read_idx(data_dir, f"{prefix}-images-idx3-ubyte", 3, looked)
+    labels = _read_idx(data_dir, f"{prefix}-labels-idx1-ubyte", 1, looked)
+    if images is None or labels is None:
+        return None
+    if len(images) != len(labels) or labels.max() >= 10:
+        raise ValueError(
+            f"{data_dir}: {len(images)} {prefix} images but {len(labels)} labels, or a label "
+            "outside [0, 10)."
+        )
+    return Split(images[..., None], labels.astype(np.int32))
+
+
+# --- TFDS and the public loader -------------------------------------------------------------------
+
+
+def _tfds_source(name: str, split: str, data_dir: str | None, looked: list[str]):
+    """The `tfds.data_source` of a prepared dataset (no TensorFlow needed), else None."""
+    looked.append(f"TFDS {name!r} in data_dir={data_dir or 'the TFDS default'}")
+    try:
+        import tensorflow_datasets as tfds  # Lazy: slow to import and never needed offline.
+
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as err:  # TFDS says "not prepared" with many exception types.
+        first_line = next(iter(str(err).strip().splitlines()), "")
+        looked[-1] += f" ({type(err).__name__}: {first_line})"
+        return None
+
+
+def _read_tfds(name: str, source, max_examples: int | None) -> Split:
+    """Reads the first `max_examples` (all if None) items of a TFDS data source into a Split."""
+    n = len(source) if max_examples is None else min(len(source), max_examples)
+    examples = [source[i] for i in range(n)]  # One at a time: the TFDS mock lacks __getitems__.
+    images = np.stack([np.asarray(ex["image"], np.uint8) for ex in examples])
+    labels = np.asarray([ex["label"] for ex in examples], np.int32)
+    if images.shape[1:] != dataset_info(name).image_shape:
+        raise ValueError(f"TFDS {name!r} images are {images.shape[1:]}, expected otherwise.")
+    return Split(images, labels)
+
+
+_HOW_TO_GET = {
+    "cifar10": "download https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz into data_dir",
+    "cifar100": "download https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz into data_dir",
+    "fashion_mnist": "`apt-get install dataset-fashion-mnist` (IDX files in "
+    f"{DEFAULT_FASHION_MNIST_DIR}) or put the four *-ubyte(.gz) files in data_dir",
+}
+
+
+def load_split(
+    name: str, split: str, data_dir: str | None = None, *, max_examples: int | None = None
+) -> Split:
+    """Loads a whole split into host memory: images uint8 (N, H, W, C), labels int32 (N,).
+
+    Looks in order at the official CIFAR archives in `data_dir`, the Fashion-MNIST IDX files in
+    `data_dir` (default `DEFAULT_FASHION_MNIST_DIR`), then a prepared TFDS dataset in
+    `data_dir` (TFDS default when None). `max_examples` keeps the first that many examples.
+    """
+    info = dataset_info(name)
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split={split!r}; known: {SPLITS}.")
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"max_examples={max_examples} must be >= 1 or None.")
+    looked: list[str] = []
+    offline = None
+    if name == "fashion_mnist":
+        offline = _load_fashion_mnist(split, data_dir or DEFAULT_FASHION_MNIST_DIR, looked)
+    elif data_dir is None:
+        looked.append("the official CIFAR archives: not searched (no data_dir given)")
+    else:
+        arrays = cifar.load_cifar(name, split, data_dir, looked, num_classes=info.num_classes)
+        offline = None if arrays is None else Split(*arrays)
+    if offline is not None:
+        return Split(offline.images[:max_examples], offline.labels[:max_examples])
+    source = _tfds_source(name, split, data_dir, looked)
+    if source is not None:
+        return _read_tfds(name, source, max_examples)
+    raise FileNotFoundError(
+        f"No {info.name} {split} data found. Looked at:\n  "
+        + "\n  ".join(looked)
+        + f"\nTo get it: {_HOW_TO_GET[name]}; or prepare it with TFDS: `tfds build {name} "
+        "--file_format=array_record` (needs `pip install tensorflow`) and pass its data_dir."
+    )

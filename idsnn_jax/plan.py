@@ -1,0 +1,164 @@
+"""From a config to everything a run builds, checked before any work (validate by construction).
+
+`build_plan(config)` builds the dataset facts, both models, their abstract variables
+(`jax.eval_shape`: no array is allocated), the per-stage `FitOptions` and, when the
+student is initialized from the teacher, the transfer plan. Each builder owns its checks;
+a ValueError raised by one names its argument (`surrogate='nope' is unknown ...`) and is
+re-raised naming the config key it came from (`config.student.neuron.surrogate='nope'`).
+The few rules no builder owns (roles of the two models, device counts, paths) are
+checked here. So a bad student setting fails in a second, not after 200 teacher epochs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from idsnn_jax import steps
+from idsnn_jax.datasets import DatasetInfo, dataset_info
+from idsnn_jax.models import create_model, is_spiking
+from idsnn_jax.train import FitOptions
+from idsnn_jax.transfer import transfer_report
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ROLES = ("teacher", "student")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """What `pipeline.run` needs, built from a valid config."""
+
+    info: DatasetInfo
+    models: dict[str, nn.Module]  # role -> model
+    abstract_variables: dict[str, Any]  # role -> ShapeDtypeStruct tree
+    fit_options: dict[str, FitOptions]  # role -> how that stage trains
+    needs_teacher: bool
+
+
+def get(config: ml_collections.ConfigDict, key: str) -> Any:
+    """`config.<key>` for a dotted `key`."""
+    value = config
+    for name in key.split("."):
+        value = value[name]
+    return value
+
+
+def check(config: ml_collections.ConfigDict, key: str, ok: bool, expected: str) -> None:
+    """Raises ValueError naming the dotted `key` unless `ok`."""
+    if not ok:
+        raise ValueError(f"config.{key}={get(config, key)!r} is invalid: expected {expected}")
+
+
+def from_config(
+    builder: Callable[..., Any], config: ml_collections.ConfigDict, keys: dict[str, str], **fixed
+) -> Any:
+    """`builder(**{arg: config.<key>}, **fixed)`; a ValueError that names an argument
+    (message starting `arg=`) is re-raised naming its config key instead."""
+    values = {arg: get(config, key) for arg, key in keys.items()}
+    try:
+        return builder(**values, **fixed)
+    except ValueError as err:
+        arg = next((a for a in keys if str(err).startswith(f"{a}=")), None)
+        if arg is None:
+            raise
+        raise ValueError(f"config.{keys[arg]}={str(err)[len(arg) + 1 :]}") from None
+
+
+def _model_keys(config: ml_collections.ConfigDict, role: str) -> dict[str, str]:
+    keys = {"model": f"{role}.model", "width": f"{role}.width"}
+    if is_spiking(config[role].model):
+        keys |= {"time_steps": f"{role}.time_steps", "stem_padding": f"{role}.stem_padding"}
+        keys |= {name: f"{role}.neuron.{name}" for name in config[role].neuron}
+    return keys
+
+
+def build_model(config: ml_collections.ConfigDict, role: str, info: DatasetInfo) -> nn.Module:
+    """The `role` ('teacher' or 'student') model of `config`, data-parallel BatchNorm."""
+    return from_config(
+        lambda model, **kw: create_model(model, **kw),
+        config,
+        _model_keys(config, role),
+        num_classes=info.num_classes,
+        dtype=DTYPES[config.dtype],
+        bn_axis_name=steps.AXIS,
+    )
+
+
+def _fit_options(config: ml_collections.ConfigDict, role: str) -> FitOptions:
+    optimizer = from_config(
+        steps.OptimizerOptions,
+        config,
+        {name: f"optimizer.{name}" for name in config.optimizer},
+    )
+    keys = {
+        "num_epochs": f"{role}.num_epochs",
+        "crop_padding": "augment.crop_padding",
+        "flip": "augment.flip",
+    }
+    keys |= {
+        name: name
+        for name in (
+            "batch_size",
+            "eval_batch_size",
+            "seed",
+            "kd_alpha",
+            "kd_tau",
+            "checkpoint_keep",
+            "checkpoint_every_epochs",
+            "log_every_steps",
+        )
+    }
+    return from_config(FitOptions, config, keys, optimizer=optimizer)
+
+
+def _check_rules(config: ml_collections.ConfigDict, needs_teacher: bool) -> None:
+    """The rules that no builder owns."""
+    devices = jax.device_count()
+    check(config, "dtype", config.dtype in DTYPES, f"one of {sorted(DTYPES)}")
+    for key in ("batch_size", "eval_batch_size"):
+        value = get(config, key)
+        ok = isinstance(value, int) and value >= 1 and value % devices == 0
+        check(config, key, ok, f"a positive multiple of the {devices} devices")
+    n_train, n_test = config.max_train_examples, config.max_test_examples
+    ok = n_train is None or (isinstance(n_train, int) and n_train >= config.batch_size)
+    check(config, "max_train_examples", ok, "None or an integer >= batch_size")
+    ok = n_test is None or (isinstance(n_test, int) and n_test >= 1)
+    check(config, "max_test_examples", ok, "None or an integer >= 1")
+    check(config, "teacher.model", not is_spiking(config.teacher.model), "an ANN (resnet*)")
+    ok = is_spiking(config.student.model)
+    check(config, "student.model", ok, "a spiking model (spiking_* or sew_*)")
+    if needs_teacher and config.teacher.checkpoint:
+        ok = os.path.exists(config.teacher.checkpoint)
+        check(config, "teacher.checkpoint", ok, "an existing path")
+
+
+def build_plan(config: ml_collections.ConfigDict) -> RunPlan:
+    """Builds and checks everything `config` describes; ValueError names the bad key."""
+    info = from_config(dataset_info, config, {"name": "dataset"})
+    needs_teacher = bool(config.init_from_teacher or config.distill)
+    _check_rules(config, needs_teacher)
+    roles = ROLES if needs_teacher else ("student",)
+    models = {role: build_model(config, role, info) for role in roles}
+    abstract = {
+        role: jax.eval_shape(lambda m=model: steps.init_variables(m, info, 0))
+        for role, model in models.items()
+    }
+    fit_options = {"student": _fit_options(config, "student")}
+    if needs_teacher and not config.teacher.checkpoint:
+        fit_options["teacher"] = _fit_options(config, "teacher")
+    if config.init_from_teacher:
+        from_config(
+            transfer_report,
+            config,
+            {"block_map": "block_map", "copy_shortcut": "copy_shortcut"},
+            params_ann=abstract["teacher"],
+            params_snn=abstract["student"],
+        )
+    return RunPlan(info, models, abstract, fit_options, needs_teacher)

@@ -1,0 +1,264 @@
+"""The step layer: train state, optimizer, and data-parallel train/eval steps.
+
+The steps are written per device, pmap-style, with explicit collectives over the mesh
+axis `batch`, and run with `jax.shard_map` over a 1-D mesh of all devices (what
+`jax.pmap` itself is built on now). Gradients, metrics and BatchNorm statistics are
+averaged over devices, so N devices match one device with the same global batch.
+Everything a step needs arrives as arguments; the epoch loop lives in `train.py`.
+
+`shard_map` runs with `check_vma=False`: with it on, the gradient of a per-device loss
+with respect to replicated parameters comes back already summed over devices, and the
+explicit `pmean` would then scale it by N.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from idsnn_jax import input_pipeline
+from idsnn_jax.datasets import DatasetInfo
+from idsnn_jax.losses import cross_entropy, idsnn_loss
+from idsnn_jax.models import firing_rates
+
+AXIS = "batch"
+Batch = dict[str, jax.Array]
+TrainStep = Callable[[Any, Batch, Any], tuple[Any, Batch]]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; the optimizer itself is static."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key, folded with the step inside the train step
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerOptions:
+    """SGD with momentum and a step schedule (the reference recipe's defaults).
+
+    `lr_interval > 0` steps the rate every `lr_interval` epochs and takes precedence over
+    the explicit `lr_milestones`. Invalid values raise ValueError naming the field.
+    """
+
+    learning_rate: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_milestones: tuple[int, ...] = (60, 120, 160)
+    lr_interval: int = 0
+    lr_gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        milestones = list(self.lr_milestones)
+        checks = (
+            ("learning_rate", self.learning_rate > 0, "> 0"),
+            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            (
+                "lr_milestones",
+                all(_is_int(m) and m > 0 for m in milestones) and milestones == sorted(milestones),
+                "increasing positive epochs",
+            ),
+            ("lr_interval", _is_int(self.lr_interval) and self.lr_interval >= 0, "an int >= 0"),
+            ("lr_gamma", 0 < self.lr_gamma <= 1, "in (0, 1]"),
+        )
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected {expected}")
+
+    def milestones(self, num_epochs: int) -> list[int]:
+        """Epochs at which the learning rate is multiplied by `lr_gamma`."""
+        if self.lr_interval:
+            return list(range(self.lr_interval, num_epochs, self.lr_interval))
+        return [int(m) for m in self.lr_milestones if 0 < int(m) < num_epochs]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def create_optimizer(
+    options: OptimizerOptions, steps_per_epoch: int, num_epochs: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """SGD with momentum, PyTorch semantics: weight decay added to the gradient (of every
+    parameter) before momentum; learning rate stepped by `lr_gamma` at epoch milestones."""
+    schedule = optax.piecewise_constant_schedule(
+        options.learning_rate,
+        {m * steps_per_epoch: options.lr_gamma for m in options.milestones(num_epochs)},
+    )
+    tx = optax.chain(
+        optax.add_decayed_weights(options.weight_decay),
+        optax.sgd(schedule, momentum=options.momentum),
+    )
+    return tx, schedule
+
+
+def create_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+    """1-D mesh over `devices` (default: all), axis `batch`, Auto axis type."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def init_variables(model: nn.Module, info: DatasetInfo, seed: int) -> dict[str, Any]:
+    """Model variables {'params', 'batch_stats'} for a batch of `info`-shaped images."""
+    dummy = jnp.zeros((1, *info.image_shape), jnp.float32)
+    init = jax.jit(functools.partial(model.init, train=False))
+    variables = init(jax.random.PRNGKey(seed), dummy)
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def create_train_state(variables: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """Fresh state from model `variables` ({'params', 'batch_stats'}).
+
+    The state gets its own copies: it is donated to the train step, so it must not share
+    buffers with the caller's trees (leaves that `init_snn_from_ann` copied unchanged from
+    the teacher would otherwise be donated and read in the same call).
+    """
+    params = jax.tree.map(jnp.array, variables["params"])
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=jax.tree.map(jnp.array, variables.get("batch_stats", {})),
+        opt_state=tx.init(params),
+        rng=jax.random.PRNGKey(seed),
+    )
+
+
+def _loss(
+    model: nn.Module,
+    teacher: nn.Module | None,
+    kd_alpha: float,
+    kd_tau: float,
+    params: Any,
+    batch_stats: Any,
+    images: jax.Array,
+    labels: jax.Array,
+    teacher_variables: Any,
+) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+    """(loss, (student logits, new batch_stats)): CE, or `idsnn_loss` against the teacher
+    run in eval mode (running BN statistics, no gradient) on the same images."""
+    variables = {"params": params, "batch_stats": batch_stats}
+    logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    if teacher is None:
+        loss = cross_entropy(logits, labels)
+    else:
+        teacher_logits = teacher.apply(teacher_variables, images, train=False)
+        teacher_logits = jax.lax.stop_gradient(teacher_logits)
+        loss = idsnn_loss(logits, teacher_logits, labels, kd_alpha, kd_tau)
+    return loss, (logits, updates["batch_stats"])
+
+
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    info: DatasetInfo,
+    *,
+    teacher: nn.Module | None = None,
+    kd_alpha: float = 0.3,
+    kd_tau: float = 4.0,
+    crop_padding: int = 4,
+    flip: bool = True,
+) -> TrainStep:
+    """Per-device train step `(state, batch, teacher_variables) -> (state, metrics)`.
+
+    `batch` holds this device's uint8 images `(b, H, W, C)` and int labels `(b,)`;
+    augmentation runs here, each example's draw folded from (state.rng, step, its index in
+    the global batch): a resumed run, or the same run on another number of devices, draws
+    the same augmentations. Without a `teacher` the loss is cross-entropy; with one it is
+    `idsnn_loss` (CE + `kd_alpha * tau^2 * KL`) against the teacher, whose frozen variables
+    are `teacher_variables`. Must run inside a mapped axis named `batch`.
+    """
+    grad_fn = jax.value_and_grad(
+        functools.partial(_loss, model, teacher, kd_alpha, kd_tau), has_aux=True
+    )
+
+    def train_step(state: TrainState, batch: Batch, teacher_variables: Any):
+        images = input_pipeline.preprocess(
+            jax.random.fold_in(state.rng, state.step),
+            batch["image"],
+            info,
+            train=True,
+            crop_padding=crop_padding,
+            flip=flip,
+            example_offset=jax.lax.axis_index(AXIS) * batch["label"].shape[0],
+        )
+        (loss, (logits, batch_stats)), grads = grad_fn(
+            state.params, state.batch_stats, images, batch["label"], teacher_variables
+        )
+        grads = jax.lax.pmean(grads, AXIS)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+        )
+        correct = jnp.argmax(logits, -1) == batch["label"]
+        metrics = {"loss": loss, "accuracy": jnp.mean(correct.astype(jnp.float32))}
+        return new_state, jax.lax.pmean(metrics, AXIS)
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module, info: DatasetInfo) -> Callable[[TrainState, Batch], Batch]:
+    """Per-device eval step -> sums over the global batch of loss, correct, count, and
+    (for spiking models) firing rate per layer; padded examples (`mask == 0`) count 0."""
+
+    def eval_step(state: TrainState, batch: Batch) -> Batch:
+        images = input_pipeline.normalize(batch["image"], info)
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        logits, inter = model.apply(variables, images, train=False, mutable=["intermediates"])
+        mask = batch["mask"]
+        sums = {
+            "loss": cross_entropy(logits, batch["label"], weights=mask) * jnp.sum(mask),
+            "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
+            "count": jnp.sum(mask),
+        }
+        rates = firing_rates(inter.get("intermediates", {}))
+        sums.update({f"firing_rate/{k}": jnp.sum(v * mask) for k, v in rates.items()})
+        return jax.lax.psum(sums, AXIS)
+
+    return eval_step
+
+
+def shard(fn: Callable, mesh: Mesh, in_specs: tuple, donate: tuple[int, ...] = ()) -> Callable:
+    """jit(shard_map(fn)) with replicated outputs; `in_specs` per argument."""
+    mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P(), check_vma=False)
+    return jax.jit(mapped, donate_argnums=donate)
+
+
+def compile_train_step(mesh: Mesh, train_step: TrainStep) -> TrainStep:
+    """The train step over `mesh`: batch split on `batch`, state and teacher replicated;
+    the state is donated."""
+    return shard(train_step, mesh, (P(), P(AXIS), P()), donate=(0,))
+
+
+def compile_eval_step(mesh: Mesh, eval_step: Callable) -> Callable:
+    """The eval step over `mesh`: batch split on `batch`, state replicated."""
+    return shard(eval_step, mesh, (P(), P(AXIS)))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Places a host or device pytree fully replicated on `mesh`."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> Batch:
+    """Global array from this process's slice of the batch, split over `batch`."""
+    sharding = NamedSharding(mesh, P(AXIS))
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
