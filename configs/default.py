@@ -33,6 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.student.time_steps = 4
     config.student.num_epochs = 200
     config.student.stem_padding = 1  # 3 reproduces the reference SNN stem (36x36 maps)
+    # Memory-saving BPTT, exact gradients (README "Training memory"): recompute each block in
+    # the backward pass; keep what the backward needs of spikes as bits, not float32.
+    config.student.remat = False
+    config.student.pack_spikes = False
     config.student.neuron = ml_collections.ConfigDict()
     config.student.neuron.decay = 0.25
     config.student.neuron.v_th = 0.5

@@ -5,6 +5,10 @@ replaces it in the backward pass by a surrogate (a `jax.custom_vjp`). `lif_scan`
 multi-step LIF of the IDSNN reference over a leading time axis with `lax.scan`, so the
 membrane potential lives in the scan carry and never in module state.
 
+`lif_scan(..., packed=True)` is the same neuron (same forward, same gradients) for
+memory-saving training: a `jax.custom_vjp` whose backward pass keeps bits (spikes and
+surrogate window) instead of float32 potentials and spikes.
+
 All surrogate derivatives are normalized to integrate to 1 over the potential and take one
 `width` parameter that sets how far from the threshold gradients still flow.
 """
@@ -12,7 +16,9 @@ All surrogate derivatives are normalized to integrate to 1 over the potential an
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +117,7 @@ def lif_scan(
     v_th: float = 0.5,
     surrogate: str = "rect",
     width: float = 0.5,
+    packed: bool = False,
 ) -> jax.Array:
     """Multi-step LIF over the leading time axis.
 
@@ -120,6 +127,9 @@ def lif_scan(
       v_th: firing threshold (reference 0.5); a spike needs `u > v_th` strictly.
       surrogate: name in `SURROGATES` used for the backward pass.
       width: surrogate half-width `a` (reference 0.5).
+      packed: memory-saving BPTT, same forward and gradient (`_lif_packed`): the backward
+        keeps, per neuron and step, 2 bits (spike and rect window) instead of float32
+        potentials and spikes; smooth surrogates also keep u in float32.
 
     Returns:
       spikes of the same shape and dtype as `currents`, exactly 0 or 1. The membrane
@@ -130,7 +140,89 @@ def lif_scan(
     if currents.ndim < 1:
         raise ValueError(f"currents must have a leading time axis, got shape {currents.shape}")
     x = currents.astype(jnp.promote_types(currents.dtype, jnp.float32))
+    if packed:
+        return _lif_packed(x, float(decay), float(v_th), surrogate, float(width)).astype(
+            currents.dtype
+        )
     zeros = jnp.zeros(x.shape[1:], x.dtype)
     step = functools.partial(lif_step, decay=decay, v_th=v_th, surrogate=surrogate, width=width)
     _, spikes = jax.lax.scan(step, (zeros, zeros), x)
     return spikes.astype(currents.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Memory-saving BPTT: what the backward keeps is stored as bits.
+
+
+def pack_bits(mask: jax.Array) -> jax.Array:
+    """Boolean/0-1 array `(T, ...)` -> uint8 `(T, ceil(N / 8))`, 8 neurons per byte."""
+    return jnp.packbits(mask.reshape((mask.shape[0], -1)).astype(jnp.bool_), axis=-1)
+
+
+def unpack_bits(bits: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """Inverse of `pack_bits`: uint8 `(T, ceil(N / 8))` -> 0/1 array of `shape` in `dtype`."""
+    n = math.prod(shape[1:])
+    return jnp.unpackbits(bits, axis=-1, count=n).reshape(shape).astype(dtype)
+
+
+def _lif_steps(x: jax.Array, decay: float, v_th: float, surrogate: str, width: float):
+    """The `lif_scan` recursion on float32 currents as a Python loop over the (static, small)
+    time axis; yields (u[t], s[t]).
+
+    A loop rather than `lax.scan`: a scan's stacked outputs are while-loop buffers, which
+    XLA:CPU allocates at the start of the program and keeps to the end, whatever they hold.
+    """
+    u = s = jnp.zeros(x.shape[1:], x.dtype)
+    for t in range(x.shape[0]):
+        (u, s), _ = lif_step((u, s), x[t], decay=decay, v_th=v_th, surrogate=surrogate, width=width)
+        yield u, s
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _lif_packed(x: jax.Array, decay: float, v_th: float, surrogate: str, width: float):
+    """`lif_scan(packed=True)` on float32 currents `(T, ...)`: a `jax.custom_vjp` whose
+    residuals per neuron and step are, for the rect surrogate, 2 bits (s[t] and the window
+    |u[t] - v_th| < a, 8 neurons per byte); for triangle / sigmoid / atan, s[t] as a bit plus
+    u[t] in float32 (their derivative needs u). The backward runs DESIGN's BPTT in reverse
+    time from them: `g_u[t] = g_s[t] sg'(u[t] - v_th) + g_u[t+1] decay (1 - s[t])`."""
+    return jnp.stack([s for _, s in _lif_steps(x, decay, v_th, surrogate, width)])
+
+
+def _pack_step(a: jax.Array) -> jax.Array:
+    return jnp.packbits(a.reshape(-1).astype(jnp.bool_))
+
+
+def _lif_packed_fwd(x, decay, v_th, surrogate, width):
+    spikes, s_bits, aux = [], [], []
+    for u, s in _lif_steps(x, decay, v_th, surrogate, width):
+        spikes.append(s)
+        s_bits.append(_pack_step(s))
+        # The rectangle's derivative needs one bit per neuron and step (the window mask);
+        # the smooth surrogates need the potential itself (kept in float32: exact gradients).
+        aux.append(_pack_step(jnp.abs(u - v_th) < width) if surrogate == "rect" else u)
+    return jnp.stack(spikes), (jnp.stack(s_bits), jnp.stack(aux))
+
+
+def _lif_packed_bwd(decay, v_th, surrogate, width, res, g):
+    """Reverse-time BPTT: g_u[t] = g_s[t] sg'(u[t] - v_th) + g_u[t+1] decay (1 - s[t])."""
+    s_bits, aux = res
+    n = math.prod(g.shape[1:])
+
+    def unpack(bits):
+        return jnp.unpackbits(bits, count=n).reshape(g.shape[1:]).astype(g.dtype)
+
+    g_x = [None] * g.shape[0]
+    g_next = None  # nothing after T-1 depends on u[T-1]
+    for t in reversed(range(g.shape[0])):
+        if surrogate == "rect":
+            dsdu = unpack(aux[t]) / (2.0 * width)
+        else:
+            dsdu = SURROGATES[surrogate](aux[t] - v_th, width).astype(g.dtype)
+        g_u = g[t] * dsdu
+        if g_next is not None:
+            g_u = g_u + g_next * decay * (1.0 - unpack(s_bits[t]))
+        g_x[t] = g_next = g_u
+    return (jnp.stack(g_x),)
+
+
+_lif_packed.defvjp(_lif_packed_fwd, _lif_packed_bwd)

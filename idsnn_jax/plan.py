@@ -74,7 +74,10 @@ def from_config(
 def _model_keys(config: ml_collections.ConfigDict, role: str) -> dict[str, str]:
     keys = {"model": f"{role}.model", "width": f"{role}.width"}
     if is_spiking(config[role].model):
-        keys |= {"time_steps": f"{role}.time_steps", "stem_padding": f"{role}.stem_padding"}
+        keys |= {
+            name: f"{role}.{name}"
+            for name in ("time_steps", "stem_padding", "remat", "pack_spikes")
+        }
         keys |= {name: f"{role}.neuron.{name}" for name in config[role].neuron}
     return keys
 

@@ -685,3 +685,115 @@ def test_is_spiking_and_registry_types():
         m = create_model(name, num_classes=2, width=W, **_kwargs(name))
         assert isinstance(m, ResNet)
         assert m.time_steps == (2 if is_spiking(name) else 1)
+
+
+# --------------------------------------------------------------------------------------
+# Memory-saving BPTT (remat, pack_spikes): same parameter tree, forward and gradients as the
+# default model, which is the reference here; fewer bytes kept for the backward pass.
+
+
+def _train_grads(name, **kw):
+    """Logits, CE gradients w.r.t. params, new batch stats and residual bytes by dtype of a
+    tiny model in train mode (T=3, 8x8x3, 5 classes)."""
+    model = create_model(name, num_classes=5, width=W, **_kwargs(name, time_steps=3, **kw))
+    x = _images((2, 8, 8, 3), seed=11)
+    y = jnp.array([1, 4])
+    variables = model.init(jax.random.key(3), x)
+
+    def loss(params):
+        logits, updated = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        ce = -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), y])
+        return ce, (logits, updated["batch_stats"])
+
+    _, vjp_fn, (logits, stats) = jax.vjp(jax.jit(loss), variables["params"], has_aux=True)
+    (grads,) = vjp_fn(jnp.ones((), jnp.float32))
+    residuals: dict[str, int] = {}
+    params = {id(leaf) for leaf in jax.tree.leaves(variables["params"])}
+    for leaf in jax.tree.leaves(vjp_fn):
+        if id(leaf) in params:  # the parameters themselves are not activation memory
+            continue
+        residuals[str(leaf.dtype)] = residuals.get(str(leaf.dtype), 0) + leaf.nbytes
+    return variables, logits, grads, stats, residuals
+
+
+@pytest.fixture(scope="module")
+def default_grads():
+    return {name: _train_grads(name) for name in ("spiking_resnet18", "sew_resnet18")}
+
+
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("spiking_resnet18", {"remat": True}),
+        ("spiking_resnet18", {"pack_spikes": True}),
+        ("spiking_resnet18", {"remat": True, "pack_spikes": True}),
+        ("sew_resnet18", {"remat": True, "pack_spikes": True}),
+    ],
+    ids=["remat", "pack", "both", "sew-both"],
+)
+def test_memory_options_keep_tree_forward_and_gradients(default_grads, name, kw):
+    variables0, logits0, grads0, stats0, res0 = default_grads[name]
+    variables, logits, grads, stats, res = _train_grads(name, **kw)
+    # Identical parameter trees (paths and shapes): init_snn_from_ann walks these paths.
+    shapes = lambda tree: {k: v.shape for k, v in _flat(tree).items()}  # noqa: E731
+    assert shapes(variables["params"]) == shapes(variables0["params"])
+    assert shapes(variables["batch_stats"]) == shapes(variables0["batch_stats"])
+    for path in (
+        "stem/conv/kernel",
+        "stage1/block0/conv1/kernel",
+        "stage2/block0/shortcut_conv/kernel",
+    ):
+        assert path in _flat(variables["params"])
+    # Same init, the same forward (bit for bit) and the same BN statistics update.
+    jax.tree.map(np.testing.assert_array_equal, variables, variables0)
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(logits0))
+    jax.tree.map(np.testing.assert_array_equal, stats, stats0)
+    # Gradients equal the default path's.
+    g0, g = _flat(grads0), _flat(grads)
+    assert g.keys() == g0.keys()
+    for k in g0:
+        np.testing.assert_allclose(np.asarray(g[k]), np.asarray(g0[k]), rtol=1e-5, atol=1e-6)
+    assert max(float(np.abs(v).max()) for v in g0.values()) > 1e-3  # non-trivial gradients
+    # Fewer float32 bytes kept for the backward pass (XLA-independent: the VJP's residuals).
+    ratio = res["float32"] / res0["float32"]
+    if kw.get("remat") and kw.get("pack_spikes") and name == "spiking_resnet18":
+        # Blocks rematerialized from their packed input: only the stem's and head's floats.
+        assert ratio < 0.05 and res["uint8"] > 0, (ratio, res)
+    elif kw.get("remat"):  # nn.remat keeps each block's float input (SEW inputs aren't 0/1)
+        assert ratio < 0.15, ratio
+    else:  # packed LIFs and spike convs: BatchNorm inputs stay float32
+        assert ratio < 0.75 and res["uint8"] > 0, (ratio, res)
+
+
+def test_remat_is_harmless_for_anns():
+    model = create_model("resnet18", num_classes=5, width=W)
+    remat = create_model("resnet18", num_classes=5, width=W, remat=True)
+    x = _images((2, 8, 8, 3), seed=12)
+    variables = model.init(jax.random.key(4), x)
+    jax.tree.map(np.testing.assert_array_equal, remat.init(jax.random.key(4), x), variables)
+
+    def grads(m):
+        def loss(p):
+            v = {"params": p, "batch_stats": variables["batch_stats"]}
+            return jnp.sum(m.apply(v, x, train=True, mutable=["batch_stats"])[0] ** 2)
+
+        return jax.jit(jax.grad(loss))(variables["params"])
+
+    jax.tree.map(
+        functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+        grads(remat),
+        grads(model),
+    )
+
+
+def test_memory_option_errors():
+    with pytest.raises(ValueError, match="pack_spikes"):
+        create_model("resnet18", num_classes=5, pack_spikes=True)
+    create_model("resnet18", num_classes=5, pack_spikes=False)  # harmless
+    with pytest.raises(ValueError, match="remat_policy"):
+        create_model("spiking_resnet18", num_classes=5, remat=True, remat_policy="nope")

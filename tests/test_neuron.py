@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,9 @@ import pytest
 import references as ref
 
 from idsnn_jax import neuron
-from idsnn_jax.neuron import SURROGATES, lif_scan, spike
+from idsnn_jax.neuron import SURROGATES, lif_scan, pack_bits, spike, unpack_bits
+
+lif_scan_packed = functools.partial(lif_scan, packed=True)
 
 # --------------------------------------------------------------------------------------
 # Independent NumPy references: the LIF forward is shared (tests/references.py); the
@@ -230,6 +234,97 @@ def test_lif_step_single_update():
     np.testing.assert_allclose(np.asarray(u), [0.1, 0.5, 0.3], rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(s), [0, 1, 0])
     np.testing.assert_array_equal(np.asarray(out), np.asarray(s))
+
+
+# --------------------------------------------------------------------------------------
+# Memory-saving BPTT: lif_scan(packed=True) keeps bits, and changes neither forward nor gradient.
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 3, 7), (1, 8)])
+def test_pack_bits_round_trip(shape):
+    rng = np.random.default_rng(4)
+    a = rng.random(shape) < 0.4
+    bits = pack_bits(jnp.asarray(a))
+    n = int(np.prod(shape[1:]))
+    assert bits.dtype == jnp.uint8 and bits.shape == (shape[0], -(-n // 8))
+    back = unpack_bits(bits, shape, jnp.float32)
+    np.testing.assert_array_equal(np.asarray(back), a.astype(np.float32))
+
+
+@pytest.mark.parametrize("time_steps", [1, 2, 5])
+@pytest.mark.parametrize(
+    "surrogate,width,decay,v_th",
+    [
+        ("rect", 0.5, 0.25, 0.5),
+        ("rect", 0.3, 0.8, 0.7),
+        ("rect", 0.5, 0.0, 0.3),
+        ("triangle", 0.5, 0.25, 0.5),
+        ("sigmoid", 0.4, 0.5, 0.5),
+        ("atan", 0.5, 0.25, 1.0),
+    ],
+)
+def test_packed_lif_matches_lif_scan_and_numpy_bptt(time_steps, surrogate, width, decay, v_th):
+    rng = np.random.default_rng(5 + time_steps)
+    x = rng.normal(0.5, 1.0, size=(time_steps, 3, 7)).astype(np.float32)
+    w = rng.normal(size=x.shape).astype(np.float32)
+    kw = dict(decay=decay, v_th=v_th, surrogate=surrogate, width=width)
+
+    # Forward: bit-identical to lif_scan and to the NumPy loop.
+    out = jax.jit(functools.partial(lif_scan_packed, **kw))(jnp.asarray(x))
+    assert out.dtype == jnp.float32 and out.shape == x.shape
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(lif_scan(jnp.asarray(x), **kw)))
+    np.testing.assert_array_equal(np.asarray(out), ref.lif_forward(x, decay, v_th)[1])
+
+    # VJP: equal to the default path's and to the hand-written BPTT.
+    def vjp(fn):
+        _, f = jax.vjp(lambda xx: fn(xx, **kw), jnp.asarray(x))
+        return np.asarray(f(jnp.asarray(w))[0])
+
+    g_packed = vjp(lif_scan_packed)
+    np.testing.assert_allclose(g_packed, vjp(lif_scan), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        g_packed, np_lif_backward(x, w, decay, v_th, surrogate, width), rtol=1e-5, atol=1e-6
+    )
+    if time_steps > 1 and decay > 0:  # the test exercises gradient flow through time
+        local = w * np_surrogate(surrogate, ref.lif_forward(x, decay, v_th)[0] - v_th, width)
+        assert np.abs(g_packed - local).max() > 1e-3
+
+
+def test_packed_lif_keeps_only_bits_for_rect():
+    """The residuals of the VJP (leaves of the vjp function) are uint8, 2 bits per neuron and
+    step for the rectangle; a smooth surrogate keeps spikes as bits plus u in float32."""
+    t, n = 4, 3 * 5 * 7
+    x = jnp.asarray(np.random.default_rng(6).normal(0.5, 1.0, size=(t, 3, 5, 7)), jnp.float32)
+    _, f = jax.vjp(lif_scan_packed, x)
+    leaves = jax.tree.leaves(f)
+    assert leaves and all(leaf.dtype == jnp.uint8 for leaf in leaves)
+    assert sum(leaf.size for leaf in leaves) == 2 * t * -(-n // 8)
+    _, f = jax.vjp(functools.partial(lif_scan_packed, surrogate="sigmoid"), x)
+    floats = [leaf for leaf in jax.tree.leaves(f) if leaf.dtype == jnp.float32]
+    assert sum(leaf.size for leaf in floats) == t * n  # u only; spikes are bits
+    # The default path keeps float32 potentials and spikes.
+    _, f = jax.vjp(lif_scan, x)
+    assert sum(leaf.size for leaf in jax.tree.leaves(f) if leaf.dtype == jnp.float32) >= 2 * t * n
+
+
+def test_packed_lif_bfloat16_and_vmap():
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(np.clip(np.round(rng.normal(0.5, 1.0, size=(3, 4, 6)) * 8) / 8, -2, 2))
+    x_bf = x.astype(jnp.bfloat16)
+    out = lif_scan_packed(x_bf)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(lif_scan(x_bf)))
+    g = jax.grad(lambda xx: jnp.sum(lif_scan_packed(xx).astype(jnp.float32)))(x_bf)
+    g_ref = jax.grad(lambda xx: jnp.sum(lif_scan(xx).astype(jnp.float32)))(x_bf)
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(g_ref, np.float32))
+    # vmap over a leading batch axis (time second) equals the per-element call.
+    xb = jnp.asarray(rng.normal(0.5, 1.0, size=(2, 3, 5)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
+    gb = jax.vmap(jax.grad(lambda xx: jnp.sum(w * lif_scan_packed(xx))))(xb)
+    for b in range(2):
+        g_ref = np_lif_backward(np.asarray(xb[b]), np.asarray(w), 0.25, 0.5, "rect", 0.5)
+        np.testing.assert_allclose(np.asarray(gb[b]), g_ref, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from idsnn_jax import checkpoints, pipeline, steps, train
 from idsnn_jax.configs import tiny
 from idsnn_jax.datasets import dataset_info
 from idsnn_jax.logs import MetricLogger
+from idsnn_jax.plan import build_plan
 from idsnn_jax.transfer import init_snn_from_ann
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -161,6 +162,17 @@ def test_invalid_config_names_the_key(key, value, tmp_path):
     with pytest.raises(ValueError, match=f"config.{key}="):
         pipeline.run(config, str(tmp_path / "wd"))
     assert not (tmp_path / "wd").exists()
+
+
+def test_memory_options_reach_the_student(tmp_path):
+    """`student.remat` / `student.pack_spikes` build the memory-saving student (the option
+    itself is tested against the default's gradients in test_models)."""
+    config = tiny_config("cifar10", tmp_path, **{"student.remat": True})
+    config.student.pack_spikes = True
+    student = build_plan(config).models["student"]
+    assert student.remat and student.spike_conv is not None and student.block_call is not None
+    default = build_plan(tiny_config("cifar10", tmp_path)).models["student"]
+    assert not default.remat and default.spike_conv is None and default.block_call is None
 
 
 def test_missing_data_says_where_it_looked(tmp_path):

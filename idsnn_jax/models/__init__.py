@@ -1,7 +1,9 @@
 """Model registry: `create_model(name, num_classes=..., width=..., **kwargs)`.
 
-ANN names take `stem_padding`, `bn_axis_name`, `dtype`; spiking names also take
-`time_steps` and the neuron settings (see `spiking_resnet.spiking_resnet`).
+ANN names take `stem_padding`, `bn_axis_name`, `dtype`, `remat`, `remat_policy`; spiking
+names also take `time_steps`, the neuron settings and `pack_spikes` (see
+`spiking_resnet.spiking_resnet`). `remat` and `pack_spikes` save training memory and leave
+the parameter tree, the forward and the gradients as they are.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from idsnn_jax.models.resnet import BasicBlock, Bottleneck, ResNet
+from idsnn_jax.models.resnet import REMAT_POLICIES, BasicBlock, Bottleneck, ResNet
 from idsnn_jax.models.spiking_resnet import LIF, firing_rates, spiking_resnet
 
 _ANN = functools.partial(ResNet, block_cls=BasicBlock)
@@ -47,6 +49,13 @@ def create_model(name: str, *, num_classes: int, width: float = 1.0, **kwargs: A
     stem_padding = kwargs.get("stem_padding", 1)
     if not (isinstance(stem_padding, int) and stem_padding >= 0):
         raise ValueError(f"stem_padding={stem_padding!r} must be an integer >= 0")
+    policy = kwargs.get("remat_policy", "nothing_saveable")
+    if policy not in REMAT_POLICIES:
+        raise ValueError(
+            f"remat_policy={policy!r} is unknown; choose one of {sorted(REMAT_POLICIES)}"
+        )
+    if not is_spiking(name) and kwargs.pop("pack_spikes", False):
+        raise ValueError(f"pack_spikes=True needs a spiking model; {name!r} has no spikes")
     return MODELS[name](num_classes=num_classes, width=width, **kwargs)
 
 

@@ -20,6 +20,15 @@ import jax.numpy as jnp
 
 ModuleDef = Callable[..., nn.Module]
 
+# What `remat=True` keeps inside a block (everything else is recomputed in the backward pass).
+# The convs are `conv_general_dilated`, not dots, so the dot policy keeps only the (absent)
+# matmuls: in these blocks it saves about what `nothing_saveable` saves.
+REMAT_POLICIES: dict[str, Any] = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+
 # PyTorch's default conv/linear init (kaiming_uniform with a = sqrt(5)): U(+-1/sqrt(fan_in)).
 torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
@@ -69,7 +78,11 @@ def conv(
 class Block(nn.Module):
     """What both residual blocks share: their fields and the residual merge.
 
-    A block outputs `features * expansion` channels.
+    A block outputs `features * expansion` channels. `spike_conv`, when given, is the conv
+    factory for convs whose input is exactly 0/1 (a spiking network's LIF outputs): it may
+    store that input as bits for the backward pass (`pack_spikes`). It serves every conv after
+    an activation, and the block-input convs too unless `sew` (a SEW block's input is a sum
+    of spikes, not binary).
     """
 
     features: int
@@ -78,8 +91,19 @@ class Block(nn.Module):
     norm: ModuleDef
     act: ModuleDef
     sew: bool = False
+    spike_conv: ModuleDef | None = None
 
     expansion = 1  # a class attribute, not a field: output channels per `features`
+
+    @property
+    def inner_conv(self) -> ModuleDef:
+        """Conv factory for an activation's output (binary in an SNN)."""
+        return self.spike_conv or self.conv
+
+    @property
+    def input_conv(self) -> ModuleDef:
+        """Conv factory for the block's input: binary only in a standard (non-SEW) SNN."""
+        return self.conv if self.sew else self.inner_conv
 
     def merge(self, x: jax.Array, y: jax.Array, act_name: str) -> jax.Array:
         """Adds the shortcut and applies the last activation.
@@ -92,7 +116,7 @@ class Block(nn.Module):
         shortcut = x
         out_channels = self.features * self.expansion
         if self.strides != 1 or x.shape[-1] != out_channels:
-            shortcut = self.conv(out_channels, 1, self.strides, name="shortcut_conv")(x)
+            shortcut = self.input_conv(out_channels, 1, self.strides, name="shortcut_conv")(x)
             shortcut = self.norm(name="shortcut_bn")(shortcut)
             if self.sew:
                 shortcut = self.act(name="shortcut_act")(shortcut)
@@ -112,9 +136,9 @@ class BasicBlock(Block):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.conv(self.features, 3, self.strides, name="conv1")(x)
+        y = self.input_conv(self.features, 3, self.strides, name="conv1")(x)
         y = self.act(name="act1")(self.norm(name="bn1")(y))
-        y = self.norm(name="bn2")(self.conv(self.features, 3, name="conv2")(y))
+        y = self.norm(name="bn2")(self.inner_conv(self.features, 3, name="conv2")(y))
         return self.merge(x, y, "act2")
 
 
@@ -125,11 +149,12 @@ class Bottleneck(Block):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.conv(self.features, 1, name="conv1")(x)
+        y = self.input_conv(self.features, 1, name="conv1")(x)
         y = self.act(name="act1")(self.norm(name="bn1")(y))
-        y = self.conv(self.features, 3, self.strides, name="conv2")(y)
+        y = self.inner_conv(self.features, 3, self.strides, name="conv2")(y)
         y = self.act(name="act2")(self.norm(name="bn2")(y))
-        y = self.norm(name="bn3")(self.conv(self.features * self.expansion, 1, name="conv3")(y))
+        conv3 = self.inner_conv(self.features * self.expansion, 1, name="conv3")
+        y = self.norm(name="bn3")(conv3(y))
         return self.merge(x, y, "act3")
 
 
@@ -149,17 +174,22 @@ class Stem(nn.Module):
 
 
 class Stage(nn.Module):
-    """`num_blocks` blocks at one width; the first one carries the stride."""
+    """`num_blocks` blocks at one width; the first one carries the stride.
+
+    `block_call(block, x)`, when given, runs each block (e.g. a custom rematerialization).
+    """
 
     block: ModuleDef
     num_blocks: int
     features: int
     strides: int
+    block_call: Callable[[nn.Module, jax.Array], jax.Array] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for j in range(self.num_blocks):
-            x = self.block(self.features, self.strides if j == 0 else 1, name=f"block{j}")(x)
+            block = self.block(self.features, self.strides if j == 0 else 1, name=f"block{j}")
+            x = block(x) if self.block_call is None else self.block_call(block, x)
         return x
 
 
@@ -169,6 +199,14 @@ class ResNet(nn.Module):
     `__call__(images (B, H, W, C), train) -> logits (B, num_classes)` in float32. The image
     is repeated `time_steps` times (direct encoding) and folded into the batch; the head
     averages over H, W and then over time before the Dense layer.
+
+    Memory options (exact gradients, default off): `remat=True` rematerializes each residual
+    block and the stem in the backward pass (`nn.remat` with the `REMAT_POLICIES` entry named
+    by `remat_policy`): only block inputs are kept between blocks; `block_call`, when given
+    with `remat`, replaces `nn.remat` for the residual blocks (the spiking network's
+    rematerialization from packed spikes). `spike_conv` (set by
+    `spiking_resnet(pack_spikes=True)`) is the conv used on binary inputs, see `Block`.
+    None of them changes the parameter tree.
     """
 
     stage_sizes: Sequence[int]
@@ -182,6 +220,10 @@ class ResNet(nn.Module):
     sew: bool = False
     bn_axis_name: str | None = None
     dtype: Any = jnp.float32
+    remat: bool = False
+    remat_policy: str = "nothing_saveable"
+    spike_conv: ModuleDef | None = None
+    block_call: Callable[[nn.Module, jax.Array], jax.Array] | None = None
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -197,18 +239,31 @@ class ResNet(nn.Module):
             axis_name=self.bn_axis_name if train else None,
             dtype=self.dtype,
         )
+        block_cls, stem_cls = self.block_cls, Stem
+        if self.remat:
+            policy = REMAT_POLICIES[self.remat_policy]  # create_model checked the name
+            if self.block_call is None:
+                block_cls = nn.remat(block_cls, policy=policy)
+            stem_cls = nn.remat(stem_cls, policy=policy)
+        spike_conv = None
+        if self.spike_conv is not None:
+            spike_conv = functools.partial(self.spike_conv, dtype=self.dtype)
         block = functools.partial(
-            self.block_cls, conv=conv_fn, norm=norm, act=self.act, sew=self.sew
+            block_cls, conv=conv_fn, norm=norm, act=self.act, sew=self.sew, spike_conv=spike_conv
         )
         b = images.shape[0]
         x = jnp.broadcast_to(images.astype(self.dtype), (self.time_steps, *images.shape))
         x = x.reshape((self.time_steps * b, *images.shape[1:]))
-        x = Stem(
+        x = stem_cls(
             stage_width(64, self.width), self.stem_padding, conv_fn, norm, self.act, name="stem"
         )(x)
         for i, num_blocks in enumerate(self.stage_sizes):
             features = stage_width(64 * 2**i, self.width)
-            x = Stage(block, num_blocks, features, 1 if i == 0 else 2, name=f"stage{i + 1}")(x)
+            block_call = self.block_call if self.remat else None
+            stage = Stage(
+                block, num_blocks, features, 1 if i == 0 else 2, block_call, name=f"stage{i + 1}"
+            )
+            x = stage(x)
         x = jnp.mean(x, axis=(1, 2)).reshape((self.time_steps, b, x.shape[-1])).mean(axis=0)
         head = nn.Dense(
             self.num_classes,
