@@ -127,12 +127,12 @@ def _check_rules(config: ml_collections.ConfigDict, needs_teacher: bool) -> None
     check(config, "dtype", config.dtype in DTYPES, f"one of {sorted(DTYPES)}")
     for key in ("batch_size", "eval_batch_size"):
         value = get(config, key)
-        ok = isinstance(value, int) and value >= 1 and value % devices == 0
+        ok = steps.is_int(value) and value >= 1 and value % devices == 0
         check(config, key, ok, f"a positive multiple of the {devices} devices")
     n_train, n_test = config.max_train_examples, config.max_test_examples
-    ok = n_train is None or (isinstance(n_train, int) and n_train >= config.batch_size)
+    ok = n_train is None or (steps.is_int(n_train) and n_train >= config.batch_size)
     check(config, "max_train_examples", ok, "None or an integer >= batch_size")
-    ok = n_test is None or (isinstance(n_test, int) and n_test >= 1)
+    ok = n_test is None or (steps.is_int(n_test) and n_test >= 1)
     check(config, "max_test_examples", ok, "None or an integer >= 1")
     check(config, "teacher.model", not is_spiking(config.teacher.model), "an ANN (resnet*)")
     ok = is_spiking(config.student.model)

@@ -71,10 +71,10 @@ class OptimizerOptions:
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
             (
                 "lr_milestones",
-                all(_is_int(m) and m > 0 for m in milestones) and milestones == sorted(milestones),
+                all(is_int(m) and m > 0 for m in milestones) and milestones == sorted(milestones),
                 "increasing positive epochs",
             ),
-            ("lr_interval", _is_int(self.lr_interval) and self.lr_interval >= 0, "an int >= 0"),
+            ("lr_interval", is_int(self.lr_interval) and self.lr_interval >= 0, "an int >= 0"),
             ("lr_gamma", 0 < self.lr_gamma <= 1, "in (0, 1]"),
         )
         for name, ok, expected in checks:
@@ -88,7 +88,8 @@ class OptimizerOptions:
         return [int(m) for m in self.lr_milestones if 0 < int(m) < num_epochs]
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """A Python or NumPy integer, not a bool: the type every count and epoch option takes."""
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 

@@ -55,21 +55,20 @@ class FitOptions:
             "checkpoint_every_epochs",
             "log_every_steps",
         )
-        checks = [
-            (name, _positive_int(getattr(self, name)), "an integer >= 1") for name in positive
-        ]
+        counts = {name: getattr(self, name) for name in positive}
+        checks = [(n, steps.is_int(v) and v >= 1, "an integer >= 1") for n, v in counts.items()]
         checks += [
             ("kd_alpha", self.kd_alpha >= 0, ">= 0"),
             ("kd_tau", self.kd_tau > 0, "> 0"),
-            ("crop_padding", _positive_int(self.crop_padding + 1), "an integer >= 0"),
+            (
+                "crop_padding",
+                steps.is_int(self.crop_padding) and self.crop_padding >= 0,
+                "an integer >= 0",
+            ),
         ]
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected {expected}")
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @dataclasses.dataclass(frozen=True)
