@@ -19,7 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_batch_size = 512  # divides evenly over 1, 2, 4, 8, ... devices
     config.max_train_examples = ml_collections.config_dict.placeholder(int)  # None: all
     config.max_test_examples = ml_collections.config_dict.placeholder(int)
-    config.dtype = "float32"  # compute dtype; parameters stay float32
+    # Compute dtype: "auto" is bfloat16 on GPU/TPU and float32 on CPU; parameters, BatchNorm
+    # statistics and membrane potentials stay float32. "float32" everywhere is the reference.
+    config.dtype = "auto"
 
     config.teacher = ml_collections.ConfigDict()
     config.teacher.model = "resnet34"
@@ -66,4 +68,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_keep = 2  # newest saved epochs kept in <workdir>/<stage> (+ the best)
     config.checkpoint_every_epochs = 1  # the last epoch and the best one are always saved
     config.log_every_steps = 50
+    config.steps_per_call = 10  # train steps per host dispatch; results do not depend on it
     return config

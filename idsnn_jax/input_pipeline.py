@@ -1,10 +1,11 @@
-"""Batching of host arrays and device-side augmentation.
+"""Batch order, evaluation batches and device-side augmentation.
 
-The datasets come from `idsnn_jax.datasets` as a `Split` of host NumPy arrays. A whole split
-fits in host memory (CIFAR train: 150 MB of uint8), so batching is plain NumPy indexing with a
-per-epoch permutation from ``(seed, epoch)``: resuming at an epoch replays the same order.
-Augmentation (zero-pad, random crop, flip) and normalization run inside the jitted step, per
-example, from a JAX key.
+The datasets come from `idsnn_jax.datasets` as a `Split` of host NumPy arrays. Training batches
+never cross the host: the whole uint8 training split lives on the devices (CIFAR train: 150
+MB), `epoch_indices` draws each epoch's order there from `(seed, epoch)` (resuming at an
+epoch replays it), and the train loop gathers each batch inside the jitted step.
+Augmentation (zero-pad, random crop, flip) and normalization run there too, per example,
+from a JAX key. Evaluation batches are padded on the host (`eval_batches`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from jax import lax
 
 from idsnn_jax.datasets import DatasetInfo, Split
 
-# --- Batching on the host -------------------------------------------------------------------------
+# --- Batch order and layout -----------------------------------------------------------------
 
 
 def num_train_steps(num_examples: int, global_batch_size: int) -> int:
@@ -39,29 +40,35 @@ def _local_batch_size(global_batch_size: int, process_index: int, process_count:
     return global_batch_size // process_count
 
 
-def train_batches(
-    split: Split,
-    *,
+def epoch_indices(
+    num_examples: int,
     global_batch_size: int,
+    *,
     seed: int,
     epoch: int,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Yields one epoch of shuffled full batches: 'image' uint8 (B, H, W, C), 'label' int32 (B,).
+    steps_multiple: int = 1,
+    sharding: jax.sharding.Sharding | None = None,
+) -> jax.Array:
+    """The example indices of one epoch's full global batches: int32 (steps, B), on device.
 
-    The order is a permutation drawn from `(seed, epoch)`, so a resumed epoch is identical. B is
-    `global_batch_size // process_count`; this process gets its contiguous slice of each global
-    batch. The last partial global batch is dropped.
+    A permutation drawn on the device from `(seed, epoch)` (threefry: the same on every
+    backend and device count), so a resumed epoch is identical and no index crosses the host.
+    The last partial global batch is dropped; rows of zeros pad the steps to a multiple of
+    `steps_multiple` (for loops of that many steps; `num_train_steps` counts the real ones).
+    `sharding` places the result (e.g. each device's slice of every batch: `P(None, 'batch')`).
     """
-    local = _local_batch_size(global_batch_size, process_index, process_count)
-    if global_batch_size > len(split):
-        raise ValueError(f"global_batch_size={global_batch_size} > {len(split)} examples.")
-    order = np.random.default_rng((seed, epoch)).permutation(len(split))
-    for step in range(num_train_steps(len(split), global_batch_size)):
-        start = step * global_batch_size + process_index * local
-        idx = order[start : start + local]
-        yield {"image": split.images[idx], "label": split.labels[idx]}
+    steps = num_train_steps(num_examples, global_batch_size)
+    if steps < 1:
+        raise ValueError(f"global_batch_size={global_batch_size} > {num_examples} examples.")
+
+    def draw():
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), epoch)
+        order = jax.random.permutation(key, num_examples)
+        order = order[: steps * global_batch_size].astype(jnp.int32)
+        order = order.reshape(steps, global_batch_size)
+        return jnp.pad(order, ((0, -steps % steps_multiple), (0, 0)))
+
+    return jax.jit(draw, out_shardings=sharding)()
 
 
 def eval_batches(
@@ -70,7 +77,7 @@ def eval_batches(
     """Yields every example once, in order, as full batches with 'mask' float32 (B,).
 
     The last global batch is zero-padded; 'mask' is 1 for real examples and 0 for padding.
-    Keys and process slicing as in `train_batches`.
+    Process p gets its contiguous slice of each global batch.
     """
     local = _local_batch_size(global_batch_size, process_index, process_count)
     n = len(split)

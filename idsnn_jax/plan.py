@@ -28,6 +28,7 @@ from idsnn_jax.train import FitOptions
 from idsnn_jax.transfer import transfer_report
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+AUTO_DTYPE = {"gpu": jnp.bfloat16, "tpu": jnp.bfloat16}  # backend -> compute dtype; else float32
 ROLES = ("teacher", "student")
 
 
@@ -89,9 +90,17 @@ def build_model(config: ml_collections.ConfigDict, role: str, info: DatasetInfo)
         config,
         _model_keys(config, role),
         num_classes=info.num_classes,
-        dtype=DTYPES[config.dtype],
+        dtype=compute_dtype(config.dtype),
         bn_axis_name=steps.AXIS,
     )
+
+
+def compute_dtype(name: str) -> Any:
+    """The compute dtype `config.dtype` names: 'auto' is bfloat16 on GPU and TPU (parameters,
+    BatchNorm statistics and membrane potentials stay float32) and float32 on CPU."""
+    if name == "auto":
+        return AUTO_DTYPE.get(jax.default_backend(), jnp.float32)
+    return DTYPES[name]
 
 
 def _fit_options(config: ml_collections.ConfigDict, role: str) -> FitOptions:
@@ -116,6 +125,7 @@ def _fit_options(config: ml_collections.ConfigDict, role: str) -> FitOptions:
             "checkpoint_keep",
             "checkpoint_every_epochs",
             "log_every_steps",
+            "steps_per_call",
         )
     }
     return from_config(FitOptions, config, keys, optimizer=optimizer)
@@ -124,7 +134,7 @@ def _fit_options(config: ml_collections.ConfigDict, role: str) -> FitOptions:
 def _check_rules(config: ml_collections.ConfigDict, needs_teacher: bool) -> None:
     """The rules that no builder owns."""
     devices = jax.device_count()
-    check(config, "dtype", config.dtype in DTYPES, f"one of {sorted(DTYPES)}")
+    check(config, "dtype", config.dtype in {"auto", *DTYPES}, f"one of {['auto', *DTYPES]}")
     for key in ("batch_size", "eval_batch_size"):
         value = get(config, key)
         ok = steps.is_int(value) and value >= 1 and value % devices == 0

@@ -35,6 +35,7 @@ from idsnn_jax.models import firing_rates
 AXIS = "batch"
 Batch = dict[str, jax.Array]
 TrainStep = Callable[[Any, Batch, Any], tuple[Any, Batch]]
+TrainLoop = Callable[[Any, Batch, jax.Array, jax.Array, Any], tuple[Any, Batch]]
 
 
 @flax.struct.dataclass
@@ -243,10 +244,33 @@ def shard(fn: Callable, mesh: Mesh, in_specs: tuple, donate: tuple[int, ...] = (
     return jax.jit(mapped, donate_argnums=donate)
 
 
-def compile_train_step(mesh: Mesh, train_step: TrainStep) -> TrainStep:
-    """The train step over `mesh`: batch split on `batch`, state and teacher replicated;
-    the state is donated."""
-    return shard(train_step, mesh, (P(), P(AXIS), P()), donate=(0,))
+def make_train_loop(train_step: TrainStep) -> TrainLoop:
+    """Per-device loop of up to k train steps `(state, data, indices, valid, teacher_variables)
+    -> (state, metrics)`, one host dispatch for k steps.
+
+    `data` holds the whole training split on this device ('image' uint8 (N, H, W, C), 'label'
+    int (N,)); `indices` int32 (k, b) are the examples of this device's slice of each of the
+    k global batches, gathered here; `valid` bool (k,) skips the padding steps of an epoch's
+    last call (their metrics are zeros). Metrics come back per step, each (k,).
+    """
+
+    def body(state: TrainState, xs: tuple[jax.Array, jax.Array], data: Batch, teacher: Any):
+        idx, ok = xs
+        batch = {"image": data["image"][idx], "label": data["label"][idx]}
+        skip = lambda s: (s, {"loss": jnp.zeros(()), "accuracy": jnp.zeros(())})
+        return jax.lax.cond(ok, lambda s: train_step(s, batch, teacher), skip, state)
+
+    def loop(state, data, indices, valid, teacher_variables):
+        step = functools.partial(body, data=data, teacher=teacher_variables)
+        return jax.lax.scan(step, state, (indices, valid))
+
+    return loop
+
+
+def compile_train_loop(mesh: Mesh, train_loop: TrainLoop) -> TrainLoop:
+    """The train loop over `mesh`: indices split on `batch` (axis 1), data, state and teacher
+    replicated; the state is donated."""
+    return shard(train_loop, mesh, (P(), P(), P(None, AXIS), P(), P()), donate=(0,))
 
 
 def compile_eval_step(mesh: Mesh, eval_step: Callable) -> Callable:
@@ -257,6 +281,12 @@ def compile_eval_step(mesh: Mesh, eval_step: Callable) -> Callable:
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Places a host or device pytree fully replicated on `mesh`."""
     return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def device_data(images: np.ndarray, labels: np.ndarray, mesh: Mesh) -> Batch:
+    """A whole split on every device of `mesh`: 'image' (N, H, W, C) as stored (uint8),
+    'label' int32 (N,). Every process passes the same arrays."""
+    return replicate({"image": images, "label": labels.astype(np.int32)}, mesh)
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> Batch:

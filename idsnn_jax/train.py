@@ -1,8 +1,9 @@
 """The loop layer: train one model (teacher or student) for some epochs, resumably.
 
-`fit` runs the epoch loop over the jitted steps of `steps.py`: batches from the host,
-evaluation on the whole test split after every epoch, a NaN guard, metric records and
-one checkpoint per saved epoch. It reads a small frozen `FitOptions`, never the config:
+`fit` runs the epoch loop over the jitted steps of `steps.py`: the training split placed
+on the devices once, each epoch's order drawn there, `steps_per_call` steps per host
+dispatch, evaluation on the whole test split after every epoch, a NaN guard, metric
+records and one checkpoint per saved epoch. It reads a small frozen `FitOptions`, never the config:
 only the pipeline reads the ConfigDict.
 """
 
@@ -21,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from idsnn_jax import input_pipeline, steps
 from idsnn_jax.checkpoints import StageCheckpoints
@@ -45,6 +47,7 @@ class FitOptions:
     checkpoint_keep: int = 2  # newest saved epochs kept (the best one is kept besides)
     checkpoint_every_epochs: int = 1  # the last epoch and the best one are always saved
     log_every_steps: int = 50
+    steps_per_call: int = 1  # train steps per host dispatch (a scan); results do not depend on it
 
     def __post_init__(self) -> None:
         positive = (
@@ -54,6 +57,7 @@ class FitOptions:
             "checkpoint_keep",
             "checkpoint_every_epochs",
             "log_every_steps",
+            "steps_per_call",
         )
         counts = {name: getattr(self, name) for name in positive}
         checks = [(n, steps.is_int(v) and v >= 1, "an integer >= 1") for n, v in counts.items()]
@@ -142,10 +146,11 @@ def fit(
         return FitResult(state, history[: options.num_epochs])
     train_fn, eval_fn = _compile(ctx, model, tx, options, teacher[0] if teacher else None)
     teacher_variables = steps.replicate(teacher[1] if teacher else {}, ctx.mesh)
+    data = steps.device_data(ctx.train_split.images, ctx.train_split.labels, ctx.mesh)
     try:
         for epoch in range(len(history), options.num_epochs):
             state, record = _train_epoch(
-                ctx, stage, epoch, options, train_fn, state, teacher_variables
+                ctx, stage, epoch, options, train_fn, state, data, teacher_variables
             )
             record["lr"] = float(schedule(epoch * steps_per_epoch))
             test = evaluate(eval_fn, state, ctx.test_split, options.eval_batch_size, ctx.mesh)
@@ -166,8 +171,8 @@ def _compile(
     tx: optax.GradientTransformation,
     options: FitOptions,
     teacher: nn.Module | None,
-) -> tuple[steps.TrainStep, Callable]:
-    """The jitted, sharded train and eval steps of `model` (distilling from `teacher`)."""
+) -> tuple[steps.TrainLoop, Callable]:
+    """The jitted, sharded train loop and eval step of `model` (distilling from `teacher`)."""
     train_step = steps.make_train_step(
         model,
         tx,
@@ -180,7 +185,7 @@ def _compile(
     )
     eval_step = steps.make_eval_step(model, ctx.info)
     return (
-        steps.compile_train_step(ctx.mesh, train_step),
+        steps.compile_train_loop(ctx.mesh, steps.make_train_loop(train_step)),
         steps.compile_eval_step(ctx.mesh, eval_step),
     )
 
@@ -219,43 +224,66 @@ def _train_epoch(
     stage: str,
     epoch: int,
     options: FitOptions,
-    train_fn: steps.TrainStep,
+    train_fn: steps.TrainLoop,
     state: steps.TrainState,
+    data: steps.Batch,
     teacher_variables: Any,
 ) -> tuple[steps.TrainState, dict[str, float]]:
     """One pass over the shuffled training split; returns the new state and mean metrics."""
-    steps_per_epoch = input_pipeline.num_train_steps(len(ctx.train_split), options.batch_size)
-    batches = input_pipeline.train_batches(
-        ctx.train_split,
-        global_batch_size=options.batch_size,
-        seed=options.seed,
-        epoch=epoch,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    calls = _epoch_calls(ctx, epoch, options)
     bar = progress(
-        batches,
-        total=steps_per_epoch,
+        calls,
+        total=len(calls),
         desc=f"{stage} epoch {epoch + 1}",
-        images_per_item=options.batch_size,
+        images_per_item=options.steps_per_call * options.batch_size,
     )
+    num_steps = sum(int(np.sum(valid)) for _, valid in calls)
     start = time.perf_counter()
     pending: list[dict[str, jax.Array]] = []
     fetched: list[dict[str, float]] = []
-    for i, batch in enumerate(bar):
-        state, metrics = train_fn(state, steps.shard_batch(batch, ctx.mesh), teacher_variables)
+    done = 0
+    for indices, valid in bar:
+        state, metrics = train_fn(state, data, indices, valid, teacher_variables)
         pending.append(metrics)
-        if (i + 1) % options.log_every_steps == 0 or i + 1 == steps_per_epoch:
-            fetched.extend(_check_finite(jax.device_get(pending), stage, epoch, len(fetched)))
+        before, done = done, done + int(np.sum(valid))
+        if done // options.log_every_steps > before // options.log_every_steps or done == num_steps:
+            per_step = _per_step(jax.device_get(pending), num_steps - len(fetched))
+            fetched.extend(_check_finite(per_step, stage, epoch, len(fetched)))
             pending = []
             bar.set_postfix(loss=f"{fetched[-1]['loss']:.4f}")
     seconds = time.perf_counter() - start
     return state, {
         "train_loss": float(np.mean([m["loss"] for m in fetched])),
         "train_accuracy": float(np.mean([m["accuracy"] for m in fetched])),
-        "images_per_sec": steps_per_epoch * options.batch_size / seconds,
+        "images_per_sec": num_steps * options.batch_size / seconds,
         "epoch_seconds": seconds,
     }
+
+
+def _epoch_calls(
+    ctx: RunContext, epoch: int, options: FitOptions
+) -> list[tuple[jax.Array, np.ndarray]]:
+    """The epoch's (indices (k, B) on device, valid (k,)) per dispatch, k = steps_per_call
+    (or fewer, for a short epoch); the last call is padded with invalid steps, so every call
+    has one shape and the loop compiles once."""
+    num_steps = input_pipeline.num_train_steps(len(ctx.train_split), options.batch_size)
+    k = min(options.steps_per_call, num_steps)
+    indices = input_pipeline.epoch_indices(
+        len(ctx.train_split),
+        options.batch_size,
+        seed=options.seed,
+        epoch=epoch,
+        steps_multiple=k,
+        sharding=NamedSharding(ctx.mesh, P(None, steps.AXIS)),
+    )
+    valid = np.arange(indices.shape[0]) < num_steps
+    return [(indices[s : s + k], valid[s : s + k]) for s in range(0, indices.shape[0], k)]
+
+
+def _per_step(metrics: list[dict[str, np.ndarray]], limit: int) -> list[dict[str, Any]]:
+    """Per-call metrics (each (k,)) as one dict per step, at most `limit` (padding dropped)."""
+    out = [{k: v[i] for k, v in m.items()} for m in metrics for i in range(len(m["loss"]))]
+    return out[:limit]
 
 
 def _check_finite(

@@ -17,7 +17,7 @@ def _split(n: int, shape=(4, 4, 3), seed: int = 0) -> datasets.Split:
     return datasets.Split(images, np.arange(n, dtype=np.int32))
 
 
-# --- Host batching -----------------------------------------------------------------------------
+# --- Batch order and layout -------------------------------------------------------------------
 
 
 def test_num_train_steps():
@@ -27,45 +27,41 @@ def test_num_train_steps():
         ip.num_train_steps(10, 0)
 
 
-def test_train_batches_shuffle_per_epoch_and_drop_remainder():
-    split = _split(10)
-
-    def order(seed, epoch):
-        batches = list(ip.train_batches(split, global_batch_size=4, seed=seed, epoch=epoch))
-        for b in batches:
-            assert b["image"].shape == (4, 4, 4, 3) and b["label"].dtype == np.int32
-            np.testing.assert_array_equal(b["image"], split.images[b["label"]])  # pairs intact
-        return np.concatenate([b["label"] for b in batches])
+def test_epoch_indices_shuffle_per_epoch_and_drop_remainder():
+    def order(seed, epoch, **kwargs):
+        return np.asarray(ip.epoch_indices(10, 4, seed=seed, epoch=epoch, **kwargs))
 
     first = order(0, 0)
-    assert len(first) == 8 and len(set(first.tolist())) == 8  # 2 steps, remainder 2 dropped
+    assert first.shape == (2, 4) and first.dtype == np.int32  # 2 steps, remainder 2 dropped
+    assert len(set(first.ravel().tolist())) == 8 and set(first.ravel()) <= set(range(10))
     np.testing.assert_array_equal(first, order(0, 0))
-    np.testing.assert_array_equal(first, np.random.default_rng((0, 0)).permutation(10)[:8])
+    # The permutation is jax.random's, from the key folded with the epoch.
+    key = jax.random.fold_in(jax.random.PRNGKey(0), 0)
+    expected = np.asarray(jax.random.permutation(key, 10))[:8].reshape(2, 4)
+    np.testing.assert_array_equal(first, expected)
     assert not np.array_equal(first, order(0, 1))
     assert not np.array_equal(first, order(1, 0))
+    # Padding to a multiple of 3 steps appends a row of zeros and keeps the real rows.
+    padded = order(0, 0, steps_multiple=3)
+    np.testing.assert_array_equal(padded, np.concatenate([first, np.zeros((1, 4), np.int32)]))
 
 
-def test_train_batches_process_slices_concatenate_to_global_batch():
-    split = _split(50)
-    kwargs = dict(global_batch_size=12, seed=3, epoch=2)
-    whole = list(ip.train_batches(split, **kwargs))
-    parts = [
-        list(ip.train_batches(split, **kwargs, process_index=p, process_count=3)) for p in range(3)
-    ]
-    assert len(whole) == 4 and all(len(p) == 4 for p in parts)
-    for step, batch in enumerate(whole):
-        for key in ("image", "label"):
-            local = [parts[p][step][key] for p in range(3)]
-            assert local[0].shape[0] == 4
-            np.testing.assert_array_equal(np.concatenate(local), batch[key])
+def test_epoch_indices_sharded_like_one_device():
+    """Placed with each device's slice of every batch, the values are those of one device."""
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("batch",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "batch"))
+    sharded = ip.epoch_indices(50, 12, seed=3, epoch=2, sharding=sharding)
+    assert sharded.sharding == sharding
+    assert sharded.addressable_shards[1].data.shape == (4, 12 // jax.device_count())
+    np.testing.assert_array_equal(sharded, ip.epoch_indices(50, 12, seed=3, epoch=2))
 
 
 def test_batching_argument_errors():
     split = _split(10)
-    with pytest.raises(ValueError, match="multiple of process_count=3"):
-        next(ip.train_batches(split, global_batch_size=4, seed=0, epoch=0, process_count=3))
     with pytest.raises(ValueError, match="12 > 10 examples"):
-        next(ip.train_batches(split, global_batch_size=12, seed=0, epoch=0))
+        ip.epoch_indices(10, 12, seed=0, epoch=0)
+    with pytest.raises(ValueError, match="multiple of process_count=3"):
+        next(ip.eval_batches(split, global_batch_size=4, process_count=3))
     with pytest.raises(ValueError, match="process_index=2"):
         next(ip.eval_batches(split, global_batch_size=4, process_index=2, process_count=2))
 

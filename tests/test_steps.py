@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from idsnn_jax import input_pipeline, steps
 from idsnn_jax.datasets import DatasetInfo
@@ -37,18 +39,43 @@ def _batches(n: int, batch: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     ]
 
 
-def _run_steps(mesh, student, teacher, num_steps: int = 3):
+def _compile_loop(mesh, step):
+    return steps.compile_train_loop(mesh, steps.make_train_loop(step))
+
+
+def _calls(mesh, batches, steps_per_call: int):
+    """Device data (the batches concatenated) and per call (indices (k, B), valid (k,)), the
+    last call padded with invalid steps, as `train.fit` makes them."""
+    data = steps.device_data(
+        np.concatenate([b["image"] for b in batches]),
+        np.concatenate([b["label"] for b in batches]),
+        mesh,
+    )
+    b = len(batches[0]["label"])
+    order = np.arange(len(batches) * b, dtype=np.int32).reshape(len(batches), b)
+    padding = -len(batches) % steps_per_call
+    order = np.concatenate([order, np.zeros((padding, b), np.int32)])
+    valid = np.arange(len(order)) < len(batches)
+    sharding = NamedSharding(mesh, P(None, steps.AXIS))
+    calls = [
+        (jax.device_put(order[s : s + steps_per_call], sharding), valid[s : s + steps_per_call])
+        for s in range(0, len(order), steps_per_call)
+    ]
+    return data, calls
+
+
+def _run_steps(mesh, student, teacher, num_steps: int = 3, steps_per_call: int = 1):
     tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.05, momentum=0.9))
-    step = steps.make_train_step(student, tx, INFO, teacher=teacher)
-    train_fn = steps.compile_train_step(mesh, step)
+    train_fn = _compile_loop(mesh, steps.make_train_step(student, tx, INFO, teacher=teacher))
     state = steps.replicate(
         steps.create_train_state(steps.init_variables(student, INFO, 0), tx, 7), mesh
     )
     teacher_vars = steps.replicate(steps.init_variables(teacher, INFO, 1), mesh)
+    data, calls = _calls(mesh, _batches(num_steps, 8), steps_per_call)
     losses = []
-    for batch in _batches(num_steps, 8):
-        state, metrics = train_fn(state, steps.shard_batch(batch, mesh), teacher_vars)
-        losses.append(float(metrics["loss"]))
+    for indices, valid in calls:
+        state, metrics = train_fn(state, data, indices, valid, teacher_vars)
+        losses.extend(np.asarray(metrics["loss"])[valid].tolist())
     return jax.device_get(state), losses
 
 
@@ -57,6 +84,7 @@ def test_four_devices_equal_one_device():
     student, teacher = _models()
     one, losses_one = _run_steps(steps.create_mesh(jax.devices()[:1]), student, teacher)
     four, losses_four = _run_steps(steps.create_mesh(), student, teacher)
+    assert len(losses_one) == 3
     np.testing.assert_allclose(losses_four, losses_one, rtol=1e-5)
     chex.assert_trees_all_close(four.params, one.params, atol=1e-5, rtol=1e-4)
     chex.assert_trees_all_close(four.batch_stats, one.batch_stats, atol=1e-5, rtol=1e-4)
@@ -66,18 +94,32 @@ def test_four_devices_equal_one_device():
     assert max(jax.tree.leaves(moved)) > 1e-3
 
 
+def test_steps_per_call_gives_the_same_training():
+    """3 steps as one dispatch of 2 + a padded one (k=2) equal 3 dispatches of 1: the same
+    losses and parameters, and the padding step leaves the state (step count) alone."""
+    student, teacher = _models()
+    mesh = steps.create_mesh()
+    one, losses_one = _run_steps(mesh, student, teacher, steps_per_call=1)
+    two, losses_two = _run_steps(mesh, student, teacher, steps_per_call=2)
+    assert int(two.step) == 3
+    np.testing.assert_allclose(losses_two, losses_one, rtol=1e-6)
+    chex.assert_trees_all_close(two.params, one.params, atol=1e-6, rtol=1e-5)
+    chex.assert_trees_all_close(two.opt_state, one.opt_state, atol=1e-6, rtol=1e-5)
+
+
 def test_train_step_traces_once():
     student, teacher = _models()
     tx = optax.sgd(0.01)
     step = chex.assert_max_traces(steps.make_train_step(student, tx, INFO, teacher=teacher), n=1)
     mesh = steps.create_mesh()
-    train_fn = steps.compile_train_step(mesh, step)
+    train_fn = _compile_loop(mesh, step)
     state = steps.replicate(
         steps.create_train_state(steps.init_variables(student, INFO, 0), tx, 0), mesh
     )
     teacher_vars = steps.replicate(steps.init_variables(teacher, INFO, 1), mesh)
-    for batch in _batches(3, 8):
-        state, _ = train_fn(state, steps.shard_batch(batch, mesh), teacher_vars)
+    data, calls = _calls(mesh, _batches(3, 8), steps_per_call=1)
+    for indices, valid in calls:
+        state, _ = train_fn(state, data, indices, valid, teacher_vars)
     assert int(state.step) == 3
 
 
@@ -127,14 +169,13 @@ def _one_step(student, teacher, *, kd_alpha=0.3, kd_tau=4.0):
     step = steps.make_train_step(
         student, tx, INFO, teacher=teacher, kd_alpha=kd_alpha, kd_tau=kd_tau
     )
-    train_fn = steps.compile_train_step(mesh, step)
+    train_fn = _compile_loop(mesh, step)
     before = jax.device_get(state)
+    data, [(indices, valid)] = _calls(mesh, [batch], steps_per_call=1)
     _, metrics = train_fn(
-        steps.replicate(state, mesh),
-        steps.shard_batch(batch, mesh),
-        steps.replicate(teacher_vars, mesh),
+        steps.replicate(state, mesh), data, indices, valid, steps.replicate(teacher_vars, mesh)
     )
-    return before, batch, teacher_vars, jax.device_get(metrics)
+    return before, batch, teacher_vars, jax.tree.map(lambda m: m[0], jax.device_get(metrics))
 
 
 def test_distillation_step_reports_the_idsnn_loss():
