@@ -109,9 +109,11 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def _stage_row(workdir: str, stage: str) -> dict[str, Any] | None:
-    if not os.path.exists(os.path.join(workdir, summarize.METRICS_FILE)):
+    from idsnn_jax.logs import METRICS_FILE, read_records
+
+    if not os.path.exists(os.path.join(workdir, METRICS_FILE)):
         return None
-    rows = summarize.summarize_records(summarize.load_records(workdir))
+    rows = summarize.summarize_records(read_records(workdir))
     return next((r for r in rows if r["stage"] == stage), None)
 
 

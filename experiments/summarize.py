@@ -3,10 +3,11 @@
 `pipeline.run` appends one JSON record per stage-epoch to `<workdir>/metrics.jsonl`; this
 reads one or more workdirs and prints, per stage: epochs, best and last test top-1, the
 epoch of the best, mean training throughput and the mean firing rate over layers at the
-last epoch (spiking stages). `--json` also writes the rows.
+last epoch (spiking stages). `--json` also writes the rows; `--plot` draws every stage of
+every workdir on one figure of test accuracy per epoch (e.g. seeds or variants).
 
   python experiments/summarize.py runs/cifar100_t4 runs/cifar100_t6 --json=summary.json
-  python experiments/summarize.py runs/ablation   # every subfolder holding a metrics.jsonl
+  python experiments/summarize.py runs/ablation --plot=runs/ablation/compare.png
 
 Conventions:
 * An epoch logged twice (a run killed after logging an epoch but before checkpointing it
@@ -26,24 +27,7 @@ from typing import Any
 
 from absl import app, flags
 
-METRICS_FILE = "metrics.jsonl"
-
-
-def load_records(path: str) -> list[dict[str, Any]]:
-    """The records of a `metrics.jsonl` (or of the one in directory `path`), in file order."""
-    if os.path.isdir(path):
-        path = os.path.join(path, METRICS_FILE)
-    with open(path) as f:
-        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
-    records = []
-    for k, (line_number, line) in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if k == len(lines) - 1:  # a last line half-written by a killed run
-                break
-            raise ValueError(f"{path}:{line_number} is not JSON: {e}") from e
-    return records
+from idsnn_jax.logs import METRICS_FILE, epochs_by_stage, read_records
 
 
 def summarize_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -54,12 +38,8 @@ def summarize_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     `train_seconds` sums the epochs' training time (evaluation and checkpoints excluded),
     over every invocation of a resumed run.
     """
-    stages: dict[str, dict[int, dict[str, Any]]] = {}
-    for record in records:
-        stages.setdefault(record["stage"], {})[int(record["epoch"])] = record
     rows = []
-    for stage, by_epoch in stages.items():
-        epochs = [by_epoch[e] for e in sorted(by_epoch)]
+    for stage, epochs in epochs_by_stage(records).items():
         best = max(epochs, key=lambda r: r["test_accuracy"])  # max keeps the first maximum
         last = epochs[-1]
         timed = epochs[1:] if len(epochs) > 1 else epochs
@@ -108,7 +88,7 @@ def summarize(paths: list[str]) -> list[dict[str, Any]]:
     """Rows (workdir, stage, ...) for every stage of every workdir in `paths`."""
     rows = []
     for workdir in find_workdirs(paths):
-        for row in summarize_records(load_records(workdir)):
+        for row in summarize_records(read_records(workdir)):
             rows.append({"workdir": workdir, **row})
     return rows
 
@@ -154,9 +134,18 @@ def text_table(header: list[str], lines: list[list[str]]) -> str:
 
 def main(argv: list[str]) -> None:
     if len(argv) < 2:
-        raise app.UsageError(f"usage: {argv[0]} WORKDIR [WORKDIR ...] [--json=FILE]")
+        raise app.UsageError(
+            f"usage: {argv[0]} WORKDIR [WORKDIR ...] [--json=FILE] [--plot=FILE.png]"
+        )
     rows = summarize(argv[1:])
     print(format_table(rows))
+    if _PLOT.value:
+        from idsnn_jax import plots
+
+        runs = {w: epochs_by_stage(read_records(w)) for w in find_workdirs(argv[1:])}
+        os.makedirs(os.path.dirname(_PLOT.value) or ".", exist_ok=True)
+        plots.compare_figure(runs).savefig(_PLOT.value)
+        print(f"wrote {_PLOT.value}", file=sys.stderr)
     if _JSON.value:
         os.makedirs(os.path.dirname(_JSON.value) or ".", exist_ok=True)
         with open(_JSON.value, "w") as f:
@@ -166,4 +155,5 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":  # flags only here, so other scripts and tests can import this
     _JSON = flags.DEFINE_string("json", None, "Also write the rows here as JSON.")
+    _PLOT = flags.DEFINE_string("plot", None, "Also draw test accuracy per epoch here (PNG).")
     app.run(main)

@@ -1,7 +1,9 @@
-"""Where metrics go: stdout, `<workdir>/metrics.jsonl` and TensorBoard, from process 0.
+"""Where metrics go: stdout, `<workdir>/metrics.jsonl`, TensorBoard and the run's plots,
+from process 0; and how they are read back.
 
 TensorBoard events are written with tensorboardX, which (unlike CLU's writers) does not
-import TensorFlow. A progress bar shows throughput during an epoch when stderr is a TTY.
+import TensorFlow. `<workdir>/curves.png` and `firing_rates.png` are redrawn after every
+epoch (`plots.py`). A progress bar shows throughput during an epoch when stderr is a TTY.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import jax
 from tqdm import tqdm
 
 logger = logging.getLogger("idsnn_jax")
+METRICS_FILE = "metrics.jsonl"
 
 
 def setup_logging() -> None:
@@ -32,10 +35,12 @@ def setup_logging() -> None:
 
 class MetricLogger:
     """Appends one JSON record per call to `metrics.jsonl`, mirrors scalars to TensorBoard
-    (one run per stage under `tensorboard/`) and logs a one-line summary."""
+    (one run per stage under `tensorboard/`), redraws the run's plots (unless `plots=False`)
+    and logs a one-line summary."""
 
-    def __init__(self, workdir: str) -> None:
+    def __init__(self, workdir: str, plots: bool = True) -> None:
         self.workdir = workdir
+        self.plots = plots
         self.enabled = jax.process_index() == 0
         self._writers: dict[str, Any] = {}
         if self.enabled:
@@ -46,8 +51,12 @@ class MetricLogger:
         if not self.enabled:
             return
         record = {"stage": stage, "epoch": epoch, "time": time.time(), **metrics}
-        with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
+        with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.plots:
+            from idsnn_jax import plots  # matplotlib only where plots are drawn
+
+            plots.write_run_plots(self.workdir, epochs_by_stage(read_records(self.workdir)))
         writer = self._writer(stage)
         for key, value in metrics.items():
             writer.add_scalar(key, value, epoch)
@@ -66,6 +75,37 @@ class MetricLogger:
         for writer in self._writers.values():
             writer.close()
         self._writers.clear()
+
+
+def read_records(path: str) -> list[dict[str, Any]]:
+    """The records of a `metrics.jsonl` (or of the one in directory `path`), in file order.
+
+    A last line half-written by a killed run is left out; any other bad line raises
+    ValueError naming the file and line.
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, METRICS_FILE)
+    with open(path) as f:
+        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for k, (line_number, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if k == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{line_number} is not JSON: {e}") from e
+    return records
+
+
+def epochs_by_stage(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Stage (in order of first appearance) -> its records in epoch order. An epoch logged
+    twice (a run killed after logging an epoch but before checkpointing it redoes that epoch
+    on resume) counts once, with its last record."""
+    stages: dict[str, dict[int, dict[str, Any]]] = {}
+    for record in records:
+        stages.setdefault(record["stage"], {})[int(record["epoch"])] = record
+    return {stage: [by_epoch[e] for e in sorted(by_epoch)] for stage, by_epoch in stages.items()}
 
 
 def _format(metrics: dict[str, float]) -> str:

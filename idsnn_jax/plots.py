@@ -1,0 +1,101 @@
+"""Pictures of a run, redrawn after every epoch: learning curves per stage and the student's
+firing rate per layer; and one figure comparing several runs (`experiments/summarize.py`).
+
+matplotlib's object API (`Figure`, no pyplot): no display, no global state, safe in threads.
+Each stage keeps one colour in every figure (`stage_color`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from matplotlib.figure import Figure
+
+Records = list[dict[str, Any]]
+_STAGE_COLORS = {"teacher": "C0", "student": "C1", "baseline": "C2"}
+FIRING_RATE_PREFIX = "firing_rate/"
+
+
+def stage_color(stage: str, index: int) -> str:
+    """The colour of `stage`: fixed for the pipeline's stages, else by `index`."""
+    return _STAGE_COLORS.get(stage, f"C{3 + index % 7}")
+
+
+def curves_figure(stages: dict[str, Records], title: str = "") -> Figure:
+    """Test accuracy (%) and test loss per epoch, one line per stage (`stages`: stage ->
+    records in epoch order), a star on each stage's best epoch (the first maximum)."""
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    ax_acc, ax_loss = fig.subplots(1, 2)
+    for i, (stage, records) in enumerate(stages.items()):
+        color = stage_color(stage, i)
+        epochs = [int(r["epoch"]) for r in records]
+        accuracy = [100 * float(r["test_accuracy"]) for r in records]
+        best = accuracy.index(max(accuracy))
+        label = f"{stage} (best {accuracy[best]:.2f}% at epoch {epochs[best]})"
+        ax_acc.plot(epochs, accuracy, color=color, marker=".", label=label)
+        ax_acc.scatter([epochs[best]], [accuracy[best]], color=color, marker="*", s=150, zorder=3)
+        loss = [float(r.get("test_loss", math.nan)) for r in records]
+        ax_loss.plot(epochs, loss, color=color, marker=".")
+    ax_acc.set(xlabel="epoch", ylabel="test top-1 (%)", title="test accuracy")
+    ax_loss.set(xlabel="epoch", ylabel="test loss (cross-entropy)", title="test loss")
+    ax_acc.legend(fontsize="small")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def firing_rates_figure(record: dict[str, Any], title: str) -> Figure:
+    """Horizontal bars: the firing rate (%) of each spiking layer in `record` (its
+    `firing_rate/<layer>` entries), in network order, with their mean as a line."""
+    rates = {
+        k[len(FIRING_RATE_PREFIX) :]: 100 * float(v)
+        for k, v in record.items()
+        if k.startswith(FIRING_RATE_PREFIX)
+    }
+    fig = Figure(figsize=(7, 0.25 * len(rates) + 1.5), layout="constrained")
+    ax = fig.subplots()
+    ax.barh(list(rates), list(rates.values()), color=stage_color("student", 0))
+    ax.axvline(sum(rates.values()) / len(rates), color="k", linestyle="--", linewidth=1)
+    ax.invert_yaxis()  # the stem on top
+    ax.set(xlabel="firing rate (% of neurons and time steps)", title=title)
+    ax.tick_params(axis="y", labelsize="small")
+    return fig
+
+
+def write_run_plots(workdir: str, stages: dict[str, Records]) -> list[str]:
+    """Writes `<workdir>/curves.png` and, once the student has firing rates,
+    `<workdir>/firing_rates.png` (its last epoch); returns the paths written."""
+    paths = [os.path.join(workdir, "curves.png")]
+    curves_figure(stages, title=os.path.basename(os.path.abspath(workdir))).savefig(paths[0])
+    student = stages.get("student", [])
+    if student and any(k.startswith(FIRING_RATE_PREFIX) for k in student[-1]):
+        paths.append(os.path.join(workdir, "firing_rates.png"))
+        title = f"student firing rates, epoch {student[-1]['epoch']}"
+        firing_rates_figure(student[-1], title).savefig(paths[1])
+    return paths
+
+
+def compare_figure(runs: dict[str, dict[str, Records]]) -> Figure:
+    """Test accuracy per epoch of several runs (`runs`: name -> stage -> records) on one
+    axis: one line per (run, stage), colour by run, line style by stage."""
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    styles = ["-", "--", ":", "-."]
+    stage_names = list(dict.fromkeys(s for stages in runs.values() for s in stages))
+    for i, (name, stages) in enumerate(runs.items()):
+        for stage, records in stages.items():
+            ax.plot(
+                [int(r["epoch"]) for r in records],
+                [100 * float(r["test_accuracy"]) for r in records],
+                color=f"C{i % 10}",
+                linestyle=styles[stage_names.index(stage) % len(styles)],
+                label=f"{name} / {stage}",
+            )
+    ax.set(xlabel="epoch", ylabel="test top-1 (%)", title="test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
