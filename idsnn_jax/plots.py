@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 Records = list[dict[str, Any]]
 _STAGE_COLORS = {"teacher": "C0", "student": "C1", "baseline": "C2"}
@@ -43,6 +44,7 @@ def curves_figure(stages: dict[str, Records], title: str = "") -> Figure:
     ax_acc.legend(fontsize="small")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     return fig
@@ -51,15 +53,17 @@ def curves_figure(stages: dict[str, Records], title: str = "") -> Figure:
 def firing_rates_figure(record: dict[str, Any], title: str) -> Figure:
     """Horizontal bars: the firing rate (%) of each spiking layer in `record` (its
     `firing_rate/<layer>` entries), in network order, with their mean as a line."""
-    rates = {
-        k[len(FIRING_RATE_PREFIX) :]: 100 * float(v)
-        for k, v in record.items()
-        if k.startswith(FIRING_RATE_PREFIX)
-    }
+    layers = sorted(
+        (k[len(FIRING_RATE_PREFIX) :] for k in record if k.startswith(FIRING_RATE_PREFIX)),
+        key=lambda name: (not name.startswith("stem"), name),  # stem, then stage1, ...
+    )
+    rates = {name: 100 * float(record[FIRING_RATE_PREFIX + name]) for name in layers}
     fig = Figure(figsize=(7, 0.25 * len(rates) + 1.5), layout="constrained")
     ax = fig.subplots()
     ax.barh(list(rates), list(rates.values()), color=stage_color("student", 0))
-    ax.axvline(sum(rates.values()) / len(rates), color="k", linestyle="--", linewidth=1)
+    mean = sum(rates.values()) / len(rates)
+    ax.axvline(mean, color="k", linestyle="--", linewidth=1, label=f"mean {mean:.1f}%")
+    ax.legend(fontsize="small")
     ax.invert_yaxis()  # the stem on top
     ax.set(xlabel="firing rate (% of neurons and time steps)", title=title)
     ax.tick_params(axis="y", labelsize="small")
@@ -97,5 +101,6 @@ def compare_figure(runs: dict[str, dict[str, Records]]) -> Figure:
             )
     ax.set(xlabel="epoch", ylabel="test top-1 (%)", title="test accuracy")
     ax.grid(alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize="small")
     return fig
