@@ -85,6 +85,15 @@ class StageCheckpoints:
         return restored["state"], restored["meta"]
 
 
+def has_checkpoint(directory: str) -> bool:
+    """Whether the stage `directory` holds a finished epoch (orbax's temporary directories of
+    interrupted saves do not count)."""
+    return os.path.isdir(directory) and any(
+        name.isdigit() and os.path.isdir(os.path.join(directory, name))
+        for name in os.listdir(directory)
+    )
+
+
 def best_epoch(directory: str) -> int | None:
     """The best saved epoch of the stage `directory`, or None when it holds none."""
     if not os.path.isdir(directory):
@@ -93,7 +102,7 @@ def best_epoch(directory: str) -> int | None:
         return manager.best_step()
 
 
-def _locate(path: str) -> tuple[str, int]:
+def locate(path: str) -> tuple[str, int]:
     """(stage directory, epoch) that `path` names: an epoch, or a stage's best epoch."""
     if os.path.isdir(os.path.join(path, "state")) and os.path.basename(path).isdigit():
         return os.path.dirname(path), int(os.path.basename(path))
@@ -113,7 +122,7 @@ def load_variables(path: str) -> dict[str, Any]:
     epoch's directory. Works whatever the number of devices the checkpoint was written on:
     the arrays are restored onto this process's first device, not the saved sharding.
     """
-    directory, step = _locate(os.path.abspath(path))
+    directory, step = locate(os.path.abspath(path))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with _manager(directory, keep=1, create=False) as manager:
         metadata = manager.item_metadata(step)["state"]
@@ -127,3 +136,15 @@ def load_variables(path: str) -> dict[str, Any]:
     return jax.tree.map(
         np.asarray, {"params": state["params"], "batch_stats": state["batch_stats"]}
     )
+
+
+def saved_shapes(path: str) -> dict[str, Any]:
+    """`{'params', 'batch_stats'}` of a saved model as `jax.ShapeDtypeStruct` trees, read from
+    the checkpoint's metadata (no array is loaded). `path` as in `load_variables`."""
+    directory, step = locate(os.path.abspath(path))
+    with _manager(directory, keep=1, create=False) as manager:
+        metadata = manager.item_metadata(step)["state"]
+    return {
+        key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata.get(key, {}))
+        for key in ("params", "batch_stats")
+    }

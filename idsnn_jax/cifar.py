@@ -5,6 +5,10 @@ https://www.cs.toronto.edu/~kriz/cifar.html: the binary or the python version, a
 ``.tar.gz`` or extracted. The binary batches are fixed-size records parsed with NumPy. The
 python batches are pickles, so they go through an unpickler that resolves only the few NumPy
 globals an array needs: a crafted file cannot run code. `load_cifar` is the one entry point.
+
+Every problem with a file (truncated or corrupt archive, bad pickle, wrong record size, pixel
+data of the wrong shape, labels out of range) is a one-line ValueError that starts with the
+file's path (``archive.tar.gz:member`` inside an archive).
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import io
 import os
 import pickle
 import tarfile
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -65,8 +70,11 @@ def _parse_cifar_pickle(raw: bytes, source: str, *, label_key: bytes):
     """Parses a python-version batch: dict with b'data' uint8 (N, 3072) and `label_key`."""
     try:
         batch = _ArrayOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError) as err:
-        raise ValueError(f"{source}: not a readable CIFAR python batch ({err}).") from err
+    except Exception as err:  # A corrupt pickle fails with many exception types.
+        raise ValueError(
+            f"{source}: not a readable CIFAR python batch ({type(err).__name__}: {err}); "
+            "the file is truncated or corrupt."
+        ) from err
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
         raise ValueError(f"{source}: expected a dict with keys b'data' and {label_key!r}.")
     return np.asarray(batch[b"data"]), np.asarray(batch[label_key])
@@ -113,7 +121,13 @@ _CIFAR_LAYOUTS = {  # Binary first: it needs no unpickling.
 }
 
 
-def _read_cifar_members(layout: _CifarLayout, split: str, data_dir: str, looked: list[str]):
+# What a truncated or corrupt .tar.gz raises, depending on where the damage is.
+ARCHIVE_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
+
+
+def _read_cifar_members(
+    layout: _CifarLayout, split: str, data_dir: str, looked: list[str]
+) -> Iterator[tuple[str, bytes]]:
     """Yields (source, raw bytes) for each batch file of `split`, extracted folder first."""
     folder = os.path.join(data_dir, layout.folder)
     archive = os.path.join(data_dir, layout.archive)
@@ -121,16 +135,49 @@ def _read_cifar_members(layout: _CifarLayout, split: str, data_dir: str, looked:
     if os.path.isdir(folder):
         for member in layout.members[split]:
             path = os.path.join(folder, member)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"{path} is missing: an extracted {layout.folder} must hold "
+                    f"{', '.join(layout.members[split])}."
+                )
             with open(path, "rb") as f:
                 yield path, f.read()
     elif os.path.isfile(archive):
+        yield from _read_archive(archive, layout, split)
+
+
+def _read_archive(archive: str, layout: _CifarLayout, split: str) -> Iterator[tuple[str, bytes]]:
+    """(source, bytes) of each batch file of `split` in the .tar.gz `archive`; ValueError
+    naming it if it is unreadable (truncated download, not a gzip, bad tar) or lacks one."""
+    try:
         with tarfile.open(archive, "r:gz") as tar:
             for member in layout.members[split]:
                 name = f"{layout.folder}/{member}"
                 try:
-                    yield f"{archive}:{name}", tar.extractfile(name).read()
-                except KeyError as err:
-                    raise ValueError(f"{archive} has no member {name}; is it corrupt?") from err
+                    file = tar.extractfile(name)
+                except KeyError:
+                    file = None
+                if file is None:
+                    raise ValueError(f"{archive} has no member {name}; is it corrupt?")
+                yield f"{archive}:{name}", file.read()
+    except ARCHIVE_ERRORS as err:
+        raise ValueError(
+            f"{archive}: not a readable .tar.gz ({type(err).__name__}: {err}); the download "
+            "is truncated or corrupt: delete it and download it again."
+        ) from err
+
+
+def check_labels(labels: np.ndarray, num_classes: int, source: str) -> None:
+    """ValueError naming `source` unless `labels` are integers in [0, `num_classes`)."""
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{source}: labels must be integers, got {labels.dtype}.")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        more = f" (and {bad.size - 1} more)" if bad.size > 1 else ""
+        raise ValueError(
+            f"{source}: label {labels[bad[0]]} at index {bad[0]}{more} is outside "
+            f"[0, {num_classes})."
+        )
 
 
 def load_cifar(
@@ -146,10 +193,17 @@ def load_cifar(
         images, labels = [], []
         for source, raw in _read_cifar_members(layout, split, data_dir, looked):
             data, label = layout.parse(raw, source)
-            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-                raise ValueError(f"{source}: pixel data must be uint8 (N, 3072), got {data.shape}.")
-            if label.shape != data.shape[:1] or label.min() < 0 or label.max() >= num_classes:
-                raise ValueError(f"{source}: labels must be N values in [0, {num_classes}).")
+            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or not len(data):
+                raise ValueError(
+                    f"{source}: pixel data must be uint8 (N, 3072) with N >= 1, got "
+                    f"{data.dtype} {data.shape}."
+                )
+            if label.shape != data.shape[:1]:
+                raise ValueError(
+                    f"{source}: {len(data)} images but labels of shape {label.shape}; labels "
+                    "must be N values."
+                )
+            check_labels(label, num_classes, source)
             images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # CHW -> HWC
             labels.append(label.astype(np.int32))
         if images:

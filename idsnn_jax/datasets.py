@@ -11,6 +11,11 @@ optional extra) and, often, without internet. So `load_split` reads, in order,
 * TFDS ``data_source`` over prepared ArrayRecord files (random access, no TensorFlow; decoding
   the stored PNGs needs Pillow or OpenCV). ``tensorflow_datasets`` is imported only here.
 
+Bad files fail before any work, each with a one-line error that starts with the file's path:
+truncated or corrupt archives and gzip streams, wrong IDX magic or item counts, images of the
+wrong shape, labels outside [0, num_classes), empty files; a data_dir with nothing usable is a
+FileNotFoundError listing every place looked at.
+
 A whole split fits in host memory (CIFAR train: 150 MB of uint8); batching and augmentation
 are in `idsnn_jax.input_pipeline`.
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
+import zlib
 
 import numpy as np
 
@@ -94,23 +100,39 @@ def _parse_idx(raw: bytes, source: str, ndim: int) -> np.ndarray:
             f"(unsigned bytes, {ndim} dims)."
         )
     header = 4 + 4 * ndim
-    dims = tuple(int(d) for d in np.frombuffer(raw[4:header], ">u4")) if len(raw) >= header else ()
-    if len(dims) != ndim or len(raw) - header != int(np.prod(dims)):
+    if len(raw) < header:
         raise ValueError(
-            f"{source}: {len(raw)} bytes do not match the IDX header dims {dims}; truncated?"
+            f"{source}: {len(raw)} bytes, shorter than the {header}-byte IDX header; the file "
+            "is truncated."
+        )
+    dims = tuple(int(d) for d in np.frombuffer(raw[4:header], ">u4"))
+    if len(raw) - header != int(np.prod(dims)):
+        raise ValueError(
+            f"{source}: {len(raw) - header} data bytes do not match the IDX header dims {dims} "
+            f"({int(np.prod(dims))} bytes); the file is truncated or corrupt."
         )
     return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
 
 
-def _read_idx(data_dir: str, stem: str, ndim: int, looked: list[str]) -> np.ndarray | None:
-    """Reads `stem` or `stem.gz` from `data_dir`, else None."""
+def _read_idx(data_dir: str, stem: str, ndim: int, looked: list[str]):
+    """(path, array) of `stem` or `stem.gz` in `data_dir`, else None."""
     for suffix, opener in (("", open), (".gz", gzip.open)):
         path = os.path.join(data_dir, stem + suffix)
         looked.append(path)
         if os.path.isfile(path):
-            with opener(path, "rb") as f:
-                return _parse_idx(f.read(), path, ndim)
+            try:
+                with opener(path, "rb") as f:
+                    raw = f.read()
+            except (OSError, EOFError, zlib.error) as err:  # truncated or corrupt gzip
+                raise ValueError(
+                    f"{path}: cannot be read ({type(err).__name__}: {err}); the file is "
+                    "truncated or corrupt."
+                ) from err
+            return path, _parse_idx(raw, path, ndim)
     return None
+
+
+_FASHION_MNIST_SHAPE = (28, 28)
 
 
 def _load_fashion_mnist(split: str, data_dir: str, looked: list[str]) -> Split | None:
@@ -119,11 +141,16 @@ def _load_fashion_mnist(split: str, data_dir: str, looked: list[str]) -> Split |
     labels = _read_idx(data_dir, f"{prefix}-labels-idx1-ubyte", 1, looked)
     if images is None or labels is None:
         return None
-    if len(images) != len(labels) or labels.max() >= 10:
+    (images_path, images), (labels_path, labels) = images, labels
+    if images.shape[1:] != _FASHION_MNIST_SHAPE or not len(images):
         raise ValueError(
-            f"{data_dir}: {len(images)} {prefix} images but {len(labels)} labels, or a label "
-            "outside [0, 10)."
+            f"{images_path}: images must be (N, 28, 28) with N >= 1, got {images.shape}."
         )
+    if len(images) != len(labels):
+        raise ValueError(
+            f"{labels_path}: {len(labels)} labels but {len(images)} images in {images_path}."
+        )
+    cifar.check_labels(labels, 10, labels_path)
     return Split(images[..., None], labels.astype(np.int32))
 
 
@@ -149,8 +176,9 @@ def _read_tfds(name: str, source, max_examples: int | None) -> Split:
     examples = [source[i] for i in range(n)]  # One at a time: the TFDS mock lacks __getitems__.
     images = np.stack([np.asarray(ex["image"], np.uint8) for ex in examples])
     labels = np.asarray([ex["label"] for ex in examples], np.int32)
-    if images.shape[1:] != dataset_info(name).image_shape:
-        raise ValueError(f"TFDS {name!r} images are {images.shape[1:]}, expected otherwise.")
+    expected = dataset_info(name).image_shape
+    if images.shape[1:] != expected:
+        raise ValueError(f"TFDS {name!r} images are {images.shape[1:]}, expected {expected}.")
     return Split(images, labels)
 
 
@@ -190,9 +218,8 @@ def load_split(
     source = _tfds_source(name, split, data_dir, looked)
     if source is not None:
         return _read_tfds(name, source, max_examples)
-    raise FileNotFoundError(
-        f"No {info.name} {split} data found. Looked at:\n  "
-        + "\n  ".join(looked)
-        + f"\nTo get it: {_HOW_TO_GET[name]}; or prepare it with TFDS: `tfds build {name} "
+    raise FileNotFoundError(  # One line: the CLI prints it as its whole error message.
+        f"No {info.name} {split} data found; looked at: {', '.join(looked)}. To get it: "
+        f"{_HOW_TO_GET[name]}; or prepare it with TFDS: `tfds build {name} "
         "--file_format=array_record` (needs `pip install tensorflow`) and pass its data_dir."
     )

@@ -3,8 +3,12 @@
 Deliberately short: all logic lives in `pipeline.run(config, workdir)`, which tests and
 notebooks call directly. Override any value with `--config.key=value`, e.g.
 `--config.student.time_steps=6 --config.distill=False`. Rerunning the same command
-resumes every stage where it stopped.
+resumes every stage where it stopped. Bad input (a config value, a data file, a teacher
+checkpoint, a workdir of another run) ends the run before any work with one line,
+`error: ...`, on stderr and exit status 1; `--traceback` shows the whole stack instead.
 """
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -13,6 +17,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
+_TRACEBACK = flags.DEFINE_bool(
+    "traceback", False, "On bad input, raise with the whole stack instead of printing one line."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -23,7 +30,12 @@ def main(argv: list[str]) -> None:
 
     logging.set_verbosity(logging.WARNING)  # orbax and JAX are chatty at INFO
     print(f"config:\n{_CONFIG.value}", flush=True)
-    pipeline.run(_CONFIG.value, _WORKDIR.value)
+    try:
+        pipeline.run(_CONFIG.value, _WORKDIR.value)
+    except (ValueError, FileNotFoundError) as err:  # what every input check raises
+        if _TRACEBACK.value:
+            raise
+        sys.exit("error: " + " ".join(line.strip() for line in str(err).splitlines()))
 
 
 if __name__ == "__main__":

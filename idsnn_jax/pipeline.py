@@ -5,6 +5,11 @@ under the workdir and a rerun of the same call resumes where it stopped, skippin
 finished stages. The ablations of the paper are config switches alone:
 baseline (`init_from_teacher=False, distill=False`), init only (`distill=False`),
 KD only (`init_from_teacher=False`) and IDSNN (both, the default).
+
+Bad input fails before any work and touches no checkpoint: the config (`plan.build_plan`),
+a workdir that holds a run of another config (`check_workdir`, against the
+`<workdir>/config.json` every run writes), a `teacher.checkpoint` of another architecture,
+width or class count (`check_teacher_checkpoint`), then the data files (`datasets`).
 """
 
 from __future__ import annotations
@@ -18,10 +23,10 @@ import jax
 import ml_collections
 
 from idsnn_jax import steps, train
-from idsnn_jax.checkpoints import load_variables
+from idsnn_jax.checkpoints import has_checkpoint, load_variables, locate, saved_shapes
 from idsnn_jax.datasets import load_split
 from idsnn_jax.logs import MetricLogger, logger, setup_logging
-from idsnn_jax.plan import RunPlan, build_plan
+from idsnn_jax.plan import RunPlan, build_plan, flatten
 from idsnn_jax.transfer import init_snn_from_ann
 
 
@@ -37,7 +42,7 @@ def train_teacher(
     expected = plan.abstract_variables["teacher"]
     if config.teacher.checkpoint:
         variables = load_variables(config.teacher.checkpoint)
-        _check_teacher(config, variables, expected)
+        _check_teacher_shapes(config, variables, expected)
         logger.info("[teacher] loaded from %s", config.teacher.checkpoint)
         return variables, None
     result = train.fit(
@@ -51,22 +56,134 @@ def train_teacher(
     return variables, result.best_accuracy
 
 
-def _check_teacher(config: ml_collections.ConfigDict, variables: Any, expected: Any) -> None:
-    """ValueError naming the first tree path whose shape or dtype differs from the model's."""
-    got = dict(_shapes(variables))
-    for path, want in _shapes(expected):
-        if got.get(path) != want:
-            raise ValueError(
-                f"config.teacher.checkpoint={config.teacher.checkpoint!r} does not hold a "
-                f"{config.teacher.model!r} of width {config.teacher.width} for this dataset: "
-                f"{path} is {got.get(path, 'missing')} in the checkpoint, {want} in the model; "
-                "set teacher.model / teacher.width to match it"
-            )
+def check_teacher_checkpoint(config: ml_collections.ConfigDict, plan: RunPlan) -> None:
+    """ValueError unless `config.teacher.checkpoint` holds the teacher `config` describes.
+
+    Reads only metadata: every tree path's shape and dtype against the model's (another
+    architecture, width or class count names the first differing path and both shapes), then,
+    when the checkpoint's run left its `config.json`, the model and width it was trained as
+    (a spiking student's stage has the shapes of an ANN of its depth, but is not one).
+    """
+    path = config.teacher.checkpoint
+    _check_teacher_shapes(config, saved_shapes(path), plan.abstract_variables["teacher"])
+    stage_dir, _ = locate(os.path.abspath(path))
+    run_config = os.path.join(os.path.dirname(stage_dir), CONFIG_FILE)
+    if not os.path.isfile(run_config):
+        return
+    with open(run_config) as f:
+        run = json.load(f)
+    role = "teacher" if os.path.basename(stage_dir) == "teacher" else "student"
+    saved = {key: run.get(role, {}).get(key) for key in ("model", "width")}
+    want = {key: config.teacher[key] for key in ("model", "width")}
+    if None not in saved.values() and saved != want:
+        raise ValueError(
+            f"config.teacher.checkpoint={path!r} is the {os.path.basename(stage_dir)} stage of a "
+            f"run of {role}.model={saved['model']!r}, {role}.width={saved['width']} "
+            f"({run_config}), but config.teacher.model={want['model']!r}, "
+            f"config.teacher.width={want['width']}"
+        )
+
+
+def _check_teacher_shapes(config: ml_collections.ConfigDict, variables: Any, expected: Any) -> None:
+    """ValueError naming the first tree path whose shape or dtype differs from the model's,
+    missing paths and extra ones (a deeper checkpoint) included, with both shapes."""
+    got, want = dict(_shapes(variables)), dict(_shapes(expected))
+    differ = [p for p in want if got.get(p) != want[p]] + [p for p in got if p not in want]
+    if differ:
+        first = min(differ, key=lambda p: p.startswith("batch_stats"))  # a kernel says more
+        show = lambda s: "missing" if s is None else f"{s[0]} {s[1]}"
+        n = len(differ) - 1
+        more = f" ({n} more path{'s differ' if n > 1 else ' differs'})" if n else ""
+        raise ValueError(
+            f"config.teacher.checkpoint={config.teacher.checkpoint!r} does not hold a "
+            f"{config.teacher.model!r} of width {config.teacher.width} for {config.dataset}: "
+            f"{first} is {show(got.get(first))} in the checkpoint but {show(want.get(first))} "
+            f"in the model{more}; teacher.model, teacher.width and dataset (its class count) "
+            "must match it"
+        )
 
 
 def _shapes(tree: Any) -> list[tuple[str, tuple]]:
+    """(path 'params/stem/conv/kernel', (shape, dtype)) of every leaf of `tree`."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return [(jax.tree_util.keystr(p), (tuple(x.shape), str(x.dtype))) for p, x in leaves]
+    return [
+        ("/".join(str(getattr(k, "key", k)) for k in p), (tuple(x.shape), str(x.dtype)))
+        for p, x in leaves
+    ]
+
+
+# --- The workdir's config: resume only the run that is there --------------------------------------
+
+CONFIG_FILE = "config.json"
+# Keys that may change when a workdir is resumed: they decide where data is, what is logged or
+# kept, and how evaluation is batched (exact counts either way), not the trained weights.
+RESUME_FREE = frozenset(
+    {
+        "data_dir",
+        "eval_batch_size",
+        "log_every_steps",
+        "checkpoint_keep",
+        "checkpoint_every_epochs",
+        "compare_baseline",  # adds (or skips) the baseline stage; the others are unchanged
+        "steps_per_call",
+    }
+)
+# Keys that may grow: a milestone at or after the old last epoch acts only after it, so the
+# extended run equals one configured longer from the start. The teacher's only while no
+# student stage has started from it (the student would have learned from another teacher).
+RESUME_GROW = {"student.num_epochs": (), "teacher.num_epochs": ("student", "baseline")}
+
+
+def config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`config` as the JSON-able nested dict `<workdir>/config.json` holds (tuples as lists)."""
+    return json.loads(config.to_json_best_effort())
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """ValueError naming every key (old -> new value) in which `config` differs from the run
+    whose checkpoints `workdir` holds, beyond what a resume may change (`RESUME_FREE`,
+    `RESUME_GROW`). Generic over the config tree: a key that only one side has differs too.
+    Nothing to check when the workdir has no checkpoint or no `config.json` (a run of an
+    older version: it is written now).
+    """
+    path = os.path.join(workdir, CONFIG_FILE)
+    started = sorted(
+        name
+        for name in (os.listdir(workdir) if os.path.isdir(workdir) else [])
+        if has_checkpoint(os.path.join(workdir, name))
+    )
+    if not started:
+        return
+    if not os.path.isfile(path):
+        logger.warning("%s has checkpoints but no %s to check them against", workdir, CONFIG_FILE)
+        return
+    with open(path) as f:
+        old = flatten(json.load(f))
+    new = flatten(config_record(config))
+    absent = "<absent>"
+    diffs = []
+    for key in sorted(old.keys() | new.keys()):
+        was, now = old.get(key, absent), new.get(key, absent)
+        if was == now or key in RESUME_FREE:
+            continue
+        grows = isinstance(was, int) and isinstance(now, int) and now > was
+        if key in RESUME_GROW and grows and not set(RESUME_GROW[key]) & set(started):
+            continue
+        diffs.append(f"{key}: {was!r} -> {now!r}")
+    if diffs:
+        raise ValueError(
+            f"{workdir} holds a run of another config ({path}; checkpoints of "
+            f"{', '.join(started)}), refusing to resume it: {'; '.join(diffs)}. Use a new "
+            "--workdir, rerun with the old values, or delete that config.json to resume anyway"
+        )
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+            json.dump(config_record(config), f, indent=2)
+            f.write("\n")
 
 
 def _student(
@@ -112,10 +229,14 @@ def _student(
 def create_context(
     config: ml_collections.ConfigDict, workdir: str
 ) -> tuple[train.RunContext, RunPlan]:
-    """Builds and checks everything `config` describes (`plan.build_plan`), then loads both
-    splits and sets up the mesh and the metric writer."""
+    """Builds and checks everything `config` describes (`plan.build_plan`), the workdir
+    (`check_workdir`) and a given teacher checkpoint, loads both splits, then writes
+    `<workdir>/config.json` and sets up the mesh and the metric writer."""
     setup_logging()
     plan = build_plan(config)
+    check_workdir(config, workdir)
+    if plan.needs_teacher and config.teacher.checkpoint:
+        check_teacher_checkpoint(config, plan)
     train_split, test_split = (
         load_split(
             config.dataset, split, config.data_dir, max_examples=config[f"max_{split}_examples"]
@@ -129,6 +250,7 @@ def create_context(
         len(test_split),
         jax.device_count(),
     )
+    _write_config(config, workdir)
     ctx = train.RunContext(
         workdir, train_split, test_split, plan.info, steps.create_mesh(), MetricLogger(workdir)
     )

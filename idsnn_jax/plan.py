@@ -12,8 +12,9 @@ checked here. So a bad student setting fails in a second, not after 200 teacher 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from idsnn_jax import steps
+from idsnn_jax.configs import default
 from idsnn_jax.datasets import DatasetInfo, dataset_info
 from idsnn_jax.models import create_model, is_spiking
 from idsnn_jax.train import FitOptions
@@ -131,6 +133,29 @@ def _fit_options(config: ml_collections.ConfigDict, role: str) -> FitOptions:
     return from_config(FitOptions, config, keys, optimizer=optimizer)
 
 
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'student.neuron.v_th': 0.5, ...} of a nested dict."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _check_types(config: ml_collections.ConfigDict) -> None:
+    """None only where the reference recipe allows it (ConfigDict takes None for any field);
+    every float finite. So no builder meets a None or an inf."""
+    reference = flatten(default.get_config().to_dict())
+    for key, value in flatten(config.to_dict()).items():
+        if value is None and reference.get(key) is not None:
+            expected = f"a {type(reference[key]).__name__}"
+            raise ValueError(f"config.{key}=None is invalid: expected {expected}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"config.{key}={value!r} is invalid: expected a finite number")
+
+
 def _check_rules(config: ml_collections.ConfigDict, needs_teacher: bool) -> None:
     """The rules that no builder owns."""
     devices = jax.device_count()
@@ -154,6 +179,7 @@ def _check_rules(config: ml_collections.ConfigDict, needs_teacher: bool) -> None
 
 def build_plan(config: ml_collections.ConfigDict) -> RunPlan:
     """Builds and checks everything `config` describes; ValueError names the bad key."""
+    _check_types(config)
     info = from_config(dataset_info, config, {"name": "dataset"})
     needs_teacher = bool(config.init_from_teacher or config.distill)
     _check_rules(config, needs_teacher)

@@ -89,3 +89,16 @@ def log_softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
     z = np.asarray(z, np.float64)
     m = z.max(axis=axis, keepdims=True)
     return z - m - np.log(np.exp(z - m).sum(axis=axis, keepdims=True))
+
+
+def cyclic(src: np.ndarray, shape: tuple[int, ...], axes: tuple[int, ...]) -> np.ndarray:
+    """IDSNN's channel rule (DESIGN §1) as tiling: ``src`` repeated along each of ``axes``
+    until it reaches ``shape[axis]``, then cut there, so ``out[..., i, ...] = src[..., i mod n,
+    ...]``: a wider source is truncated, a narrower one tiled. Other axes must already match.
+    """
+    src = np.asarray(src)
+    reps = [1] * src.ndim
+    for axis in axes:
+        reps[axis] = -(-shape[axis] // src.shape[axis])  # ceil
+    tiled = np.tile(src, reps)
+    return tiled[tuple(slice(0, shape[a]) if a in axes else slice(None) for a in range(src.ndim))]

@@ -12,7 +12,7 @@ import pytest
 from orbax.checkpoint._src.path import atomicity_types
 
 from idsnn_jax import steps
-from idsnn_jax.checkpoints import StageCheckpoints, load_variables
+from idsnn_jax.checkpoints import StageCheckpoints, has_checkpoint, load_variables, saved_shapes
 
 
 def _state(value: float) -> steps.TrainState:
@@ -93,3 +93,20 @@ def test_load_variables_resolves_stage_and_epoch_dirs(tmp_path):
 def test_load_variables_names_the_path_when_nothing_is_there(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "empty")):
         load_variables(str(tmp_path / "empty"))
+
+
+def test_saved_shapes_reads_metadata_only(tmp_path):
+    _save(tmp_path, [0.9, 0.5])
+    shapes = saved_shapes(str(tmp_path / "2"))
+    assert shapes["params"]["conv"]["kernel"] == jax.ShapeDtypeStruct((3, 3, 2, 4), jnp.float32)
+    assert shapes["batch_stats"]["bn"]["mean"] == jax.ShapeDtypeStruct((4,), jnp.float32)
+    assert jax.tree.structure(shapes) == jax.tree.structure(load_variables(str(tmp_path)))
+
+
+def test_has_checkpoint_ignores_half_written_epochs(tmp_path):
+    assert not has_checkpoint(str(tmp_path / "nothing"))
+    _save(tmp_path / "done", [0.5])
+    assert has_checkpoint(str(tmp_path / "done"))
+    partial = tmp_path / "partial" / f"1{atomicity_types.TMP_DIR_SUFFIX}1234"
+    shutil.copytree(tmp_path / "done" / "1", partial)
+    assert not has_checkpoint(str(tmp_path / "partial"))

@@ -12,7 +12,8 @@ import tarfile
 
 import numpy as np
 import pytest
-from conftest import data_idx_bytes
+from conftest import _CIFAR_FILES as CIFAR_FILES
+from conftest import data_idx_bytes, data_py2_pickle
 
 from idsnn_jax import cifar, datasets
 
@@ -149,7 +150,7 @@ def test_bad_cifar_contents_give_clear_errors(tmp_path):
     (bad_label / "cifar-10-batches-bin").mkdir(parents=True)
     record = bytes([10]) + bytes(3072)  # label 10 of 10 classes
     (bad_label / "cifar-10-batches-bin" / "test_batch.bin").write_bytes(record)
-    with pytest.raises(ValueError, match=r"labels must be N values in \[0, 10\)"):
+    with pytest.raises(ValueError, match=r"label 10 at index 0 is outside \[0, 10\)"):
         datasets.load_split("cifar10", "test", str(bad_label))
     empty_archive.mkdir()
     with tarfile.open(empty_archive / "cifar-100-binary.tar.gz", "w:gz"):
@@ -160,6 +161,98 @@ def test_bad_cifar_contents_give_clear_errors(tmp_path):
     (no_labels / "cifar-100-python" / "test").write_bytes(pickle.dumps({b"data": [1]}))
     with pytest.raises(ValueError, match="keys b'data' and b'fine_labels'"):
         datasets.load_split("cifar100", "test", str(no_labels))
+
+
+def _truncate(path, keep: float = 0.5) -> None:
+    raw = path.read_bytes()
+    path.write_bytes(raw[: int(len(raw) * keep)])
+
+
+@pytest.mark.parametrize("fmt", ["binary", "python"])
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: _truncate(p), "EOFError"),  # a download cut in the middle
+        (lambda p: _truncate(p, 0.02), "EOFError"),  # ... or at its start
+        (lambda p: p.write_bytes(b"<html>404 not found</html>"), "not a gzip file"),
+        (lambda p: p.write_bytes(gzip.compress(bytes(range(256)) * 8)), "invalid header"),
+    ],
+    ids=["truncated", "truncated_early", "not_gzip", "bad_tar"],
+)
+def test_corrupt_cifar_archive_is_named(tmp_path, data_cifar_writer, name, fmt, damage, message):
+    data_cifar_writer(tmp_path, name, fmt, packed=True, per_file=40)
+    (archive,) = tmp_path.glob("*.tar.gz")
+    damage(archive)
+    with pytest.raises(ValueError, match=message) as err:
+        datasets.load_split(name, "train", str(tmp_path))
+    assert str(err.value).startswith(f"{archive}: not a readable .tar.gz")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "name, member, payload, message",
+    [
+        ("cifar10", "test_batch.bin", bytes(3073 * 2 - 5), "not a whole number of 3073-byte"),
+        ("cifar10", "test_batch.bin", b"", "not a whole number"),  # empty file
+        ("cifar100", "test.bin", bytes([0, 100]) + bytes(3072), r"label 100 at index 0"),
+        ("cifar10", "test_batch", data_py2_pickle({b"data": 1})[:-3], "truncated or corrupt"),
+        ("cifar10", "test_batch", b"\x80\x02garbage", "truncated or corrupt"),
+        (
+            "cifar10",
+            "test_batch",
+            pickle.dumps({b"data": np.zeros((2, 1024), np.uint8), b"labels": [1, 2]}),
+            r"\(N, 3072\).*\(2, 1024\)",  # images of the wrong shape (32x32 grey)
+        ),
+        (
+            "cifar10",
+            "test_batch",
+            pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, -1]}),
+            r"label -1 at index 1 is outside \[0, 10\)",
+        ),
+        (
+            "cifar100",
+            "test",
+            pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [1]}),
+            "2 images but labels of shape",
+        ),
+        (
+            "cifar100",
+            "test",
+            pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"fine_labels": ["cat"]}),
+            "labels must be integers",
+        ),
+    ],
+)
+def test_bad_cifar_batch_is_named(tmp_path, name, member, payload, message):
+    """A bad batch file, extracted or inside the archive: the error starts with its path."""
+    fmt = "binary" if member.endswith(".bin") else "python"
+    archive_name, folder, _ = CIFAR_FILES[(name, fmt)]
+    for packed in (False, True):
+        root = tmp_path / str(packed)
+        if packed:
+            root.mkdir()
+            with tarfile.open(root / archive_name, "w:gz") as tar:  # only the bad test batch
+                info = tarfile.TarInfo(f"{folder}/{member}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+            source = f"{root / archive_name}:{folder}/{member}"
+        else:
+            (root / folder).mkdir(parents=True)
+            (root / folder / member).write_bytes(payload)
+            source = str(root / folder / member)
+        with pytest.raises(ValueError, match=message) as err:
+            datasets.load_split(name, "test", str(root))
+        assert str(err.value).startswith(f"{source}: "), str(err.value)
+        assert "\n" not in str(err.value)
+
+
+def test_extracted_cifar_folder_missing_a_batch(tmp_path, data_cifar_writer):
+    data_cifar_writer(tmp_path, "cifar10", "binary", packed=False)
+    missing = tmp_path / "cifar-10-batches-bin" / "data_batch_4.bin"
+    missing.unlink()
+    with pytest.raises(FileNotFoundError, match=f"{missing} is missing: .* data_batch_5.bin"):
+        datasets.load_split("cifar10", "train", str(tmp_path))
 
 
 def test_offline_path_never_imports_tensorflow(data_cifar10_dir):
@@ -196,6 +289,14 @@ def test_load_idx(tmp_path, gz):
     assert loaded.labels.dtype == np.int32 and loaded.labels.tolist() == [9, 0, 3, 3]
 
 
+def _write_idx(directory, prefix, images, labels, *, gz=False):
+    """`prefix`-images/labels IDX files (raw bytes are written as they are)."""
+    for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+        raw = array if isinstance(array, bytes) else data_idx_bytes(array)
+        path = directory / f"{prefix}-{kind}-ubyte{'.gz' if gz else ''}"
+        path.write_bytes(gzip.compress(raw) if gz else raw)
+
+
 def test_bad_idx_gives_clear_errors(tmp_path):
     labels = tmp_path / "train-labels-idx1-ubyte"
     (tmp_path / "train-images-idx3-ubyte").write_bytes(data_idx_bytes(np.zeros((2, 28, 28))))
@@ -206,8 +307,63 @@ def test_bad_idx_gives_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"do not match the IDX header dims \(3,\)"):
         datasets.load_split("fashion_mnist", "train", str(tmp_path))
     labels.write_bytes(data_idx_bytes(np.zeros(3)))
-    with pytest.raises(ValueError, match="2 train images but 3 labels"):
+    with pytest.raises(ValueError, match="3 labels but 2 images"):
         datasets.load_split("fashion_mnist", "train", str(tmp_path))
+
+
+IMAGES = np.random.default_rng(0).integers(0, 256, (4, 28, 28))  # incompressible
+LABELS = np.array([9, 0, 3, 3])
+IMG, LAB = "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
+
+
+def _cut(path, keep: float | int) -> None:
+    """Keeps the first `keep` bytes (a fraction of them if a float) of the file at `path`."""
+    raw = path.read_bytes()
+    path.write_bytes(raw[: int(len(raw) * keep) if isinstance(keep, float) else keep])
+
+
+def _put(path, images=IMAGES, labels=LABELS, gz=False) -> None:
+    _write_idx(path, "t10k", images, labels, gz=gz)
+
+
+@pytest.mark.parametrize(
+    "gz, damage, bad_file, message",
+    [  # damage(data_dir) after good files are written
+        (True, lambda d: _cut(d / f"{IMG}.gz", 0.5), f"{IMG}.gz", "EOFError"),
+        (True, lambda d: (d / f"{IMG}.gz").write_bytes(b"\x1f\x8bxyzw" * 4), f"{IMG}.gz", "Gzip"),
+        (
+            True,
+            lambda d: _put(d, labels=data_idx_bytes(LABELS)[:6], gz=True),
+            f"{LAB}.gz",
+            "shorter than the 8-byte IDX header",
+        ),
+        (False, lambda d: _cut(d / IMG, 0.9), IMG, r"header dims \(4, 28, 28\).*truncated"),
+        (False, lambda d: _put(d, labels=b"\x00\x00\x08\x03" + bytes(8)), LAB, "magic 00000803"),
+        (False, lambda d: _put(d, images=np.zeros((4, 32, 32))), IMG, r"\(N, 28, 28\).*32, 32"),
+        (False, lambda d: _put(d, np.zeros((0, 28, 28)), LABELS[:0]), IMG, "N >= 1"),
+        (False, lambda d: _put(d, labels=np.array([0, 1, 12, 3])), LAB, "label 12 at index 2"),
+        (False, lambda d: _put(d, labels=LABELS[:3]), LAB, "3 labels but 4 images"),
+    ],
+    ids=[
+        "truncated_gzip",
+        "bad_gzip",
+        "truncated_header",
+        "fewer_items_than_header",
+        "wrong_magic",
+        "wrong_image_shape",
+        "empty",
+        "label_out_of_range",
+        "count_mismatch",
+    ],
+)
+def test_bad_idx_files_are_named(tmp_path, gz, damage, bad_file, message):
+    """Each corrupt Fashion-MNIST file: a one-line ValueError that starts with its path."""
+    _put(tmp_path, gz=gz)
+    damage(tmp_path)
+    with pytest.raises(ValueError, match=message) as err:
+        datasets.load_split("fashion_mnist", "test", str(tmp_path))
+    assert str(err.value).startswith(f"{tmp_path / bad_file}: ")
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.skipif(not HAVE_FASHION, reason="needs `apt-get install dataset-fashion-mnist`")
@@ -251,9 +407,11 @@ def test_tfds_data_source_under_mock(tmp_path, name, shape):
 
 @pytest.mark.parametrize("name", ["cifar10", "fashion_mnist"])
 def test_missing_data_lists_every_place_looked(tmp_path, name):
+    """An empty data directory: one line that lists every place looked at and how to get it."""
     with pytest.raises(FileNotFoundError) as err:
         datasets.load_split(name, "train", str(tmp_path))
     message = str(err.value)
+    assert "\n" not in message
     if name == "cifar10":
         expected = ["cifar-10-batches-bin", "cifar-10-binary.tar.gz", "cifar-10-batches-py"]
         expected += ["cifar-10-python.tar.gz", "cifar-10-binary.tar.gz into data_dir"]

@@ -13,12 +13,15 @@ import sys
 
 import chex
 import jax
+import numpy as np
+import optax
 import pytest
 
 from idsnn_jax import checkpoints, pipeline, steps, train
 from idsnn_jax.configs import tiny
 from idsnn_jax.datasets import dataset_info
 from idsnn_jax.logs import MetricLogger
+from idsnn_jax.models import create_model
 from idsnn_jax.plan import build_plan
 from idsnn_jax.transfer import init_snn_from_ann
 
@@ -138,7 +141,7 @@ def test_pipeline_on_idx_with_teacher_reuse(data_fashion_mnist_dir, tmp_path):
         ("kd_tau", 0.0),
         ("optimizer.lr_milestones", (120, 60)),
         ("optimizer.momentum", 1.5),
-        ("max_train_examples", 4),  # fewer than one batch
+        ("max_train_examples", 4),  # longer than one batch
         ("dtype", "float16"),
         ("checkpoint_every_epochs", 0),
         ("teacher.num_epochs", 0),
@@ -176,7 +179,7 @@ def test_memory_options_reach_the_student(tmp_path):
 
 
 def test_missing_data_says_where_it_looked(tmp_path):
-    with pytest.raises(FileNotFoundError, match="Looked at"):
+    with pytest.raises(FileNotFoundError, match="looked at"):
         pipeline.run(tiny_config("cifar10", tmp_path), str(tmp_path / "wd"))
 
 
@@ -209,9 +212,11 @@ def test_checkpoints_move_between_device_counts(data_fashion_mnist_dir, tmp_path
     assert "summary:" in out.stdout and "1 device(s)" in out.stdout
     assert [r["stage"] for r in _records(one)] == ["student"]
 
-    config = tiny_config(
+    config = tiny_config(  # the CLI's config (configs/tiny.py), one more student epoch
         "fashion_mnist",
         data_fashion_mnist_dir,
+        max_train_examples=64,
+        max_test_examples=32,
         **{"teacher.checkpoint": str(four / "teacher"), "student.num_epochs": 2},
     )
     summary = pipeline.run(config, str(one))
@@ -261,7 +266,9 @@ def test_student_starts_from_the_best_teacher_epoch(data_fashion_mnist_dir, tmp_
 
 def test_distillation_resumes_exactly(data_fashion_mnist_dir, tmp_path, monkeypatch):
     """A crash while the student's epoch 2 is recorded, then the same call again, ends with
-    the student variables and records of an uninterrupted run."""
+    the student variables and records of an uninterrupted run. The teacher stages of the two
+    workdirs are two separate trainings with the same seed, so their equal records are also
+    the run-to-run determinism check (CPU; see the README for GPUs)."""
     config = tiny_config("fashion_mnist", data_fashion_mnist_dir, **{"student.num_epochs": 2})
     pipeline.run(config, str(tmp_path / "straight"))
 
@@ -277,12 +284,193 @@ def test_distillation_resumes_exactly(data_fashion_mnist_dir, tmp_path, monkeypa
     monkeypatch.setattr(pipeline, "MetricLogger", MetricLogger)
     pipeline.run(config, str(tmp_path / "resumed"))
 
-    timing = {"images_per_sec", "epoch_seconds", "time"}
     runs = [_records(tmp_path / name) for name in ("straight", "resumed")]
-    assert [[{k: v for k, v in r.items() if k not in timing} for r in run] for run in runs][0] == [
-        [{k: v for k, v in r.items() if k not in timing} for r in run] for run in runs
-    ][1]
+    assert [[r["stage"] for r in run] for run in runs] == [["teacher", "student", "student"]] * 2
+    assert _untimed(runs[0]) == _untimed(runs[1])
     chex.assert_trees_all_equal(
         checkpoints.load_variables(str(tmp_path / "straight" / "student" / "2")),
         checkpoints.load_variables(str(tmp_path / "resumed" / "student" / "2")),
     )
+
+    # The finished run, rerun with another seed: refused before any work, nothing touched.
+    before = _snapshot(tmp_path / "straight")
+    config.seed = 1
+    with pytest.raises(ValueError, match=r"refusing to resume it: seed: 0 -> 1\. Use a new"):
+        pipeline.run(config, str(tmp_path / "straight"))
+    assert _snapshot(tmp_path / "straight") == before
+
+
+TIMING = {"images_per_sec", "epoch_seconds", "time"}
+
+
+def _untimed(records: list[dict]) -> list[dict]:
+    """`records` without their timing fields: what two runs of one config must share."""
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+# --- Bad input: named before any work, no checkpoint touched --------------------------------------
+
+
+def _snapshot(directory) -> dict[str, tuple[bytes, int]]:
+    """Every file under `directory`: its bytes and modification time."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, directory)] = (f.read(), os.stat(path).st_mtime_ns)
+    return out
+
+
+def _started_workdir(path, config, stages=("teacher",)) -> None:
+    """A workdir as a run of `config` leaves it: `config.json` and a saved epoch per stage
+    (placeholder files: every check here fails before a checkpoint would be read)."""
+    for stage in stages:
+        os.makedirs(path / stage / "1" / "state")
+        (path / stage / "1" / "state" / "manifest.ocdbt").write_bytes(b"\x00" * 8)
+    (path / pipeline.CONFIG_FILE).write_text(json.dumps(pipeline.config_record(config)))
+
+
+def test_workdir_of_another_config_is_refused(tmp_path):
+    old = tiny_config("cifar10", tmp_path / "no_data")
+    workdir = tmp_path / "wd"
+    _started_workdir(workdir, old)
+    record = json.loads((workdir / pipeline.CONFIG_FILE).read_text())
+    record["retired_key"] = 3  # a key only the old run had
+    (workdir / pipeline.CONFIG_FILE).write_text(json.dumps(record))
+    before = _snapshot(workdir)
+
+    new = tiny_config("cifar10", tmp_path / "no_data", seed=2, **{"student.neuron.v_th": 0.4})
+    new.optimizer.lr_milestones = (60, 90)
+    with pytest.raises(ValueError) as err:
+        pipeline.run(new, str(workdir))
+    message = str(err.value)
+    assert message.startswith(f"{workdir} holds a run of another config")
+    for diff in (
+        "optimizer.lr_milestones: [2] -> [60, 90]",
+        "retired_key: 3 -> '<absent>'",
+        "seed: 0 -> 2",
+        "student.neuron.v_th: 0.5 -> 0.4",
+    ):
+        assert diff in message, (diff, message)
+    assert "\n" not in message and _snapshot(workdir) == before
+
+    # What a resume may change: logging, checkpoint keeping, evaluation batching, the data's
+    # place, the baseline stage, and more epochs (the schedule of the trained ones is kept).
+    extended = tiny_config(
+        "cifar10",
+        tmp_path / "moved_data",
+        log_every_steps=7,
+        checkpoint_keep=5,
+        checkpoint_every_epochs=3,
+        eval_batch_size=32,
+        compare_baseline=True,
+        **{"student.num_epochs": 4, "teacher.num_epochs": 3},
+    )
+    record.pop("retired_key")
+    (workdir / pipeline.CONFIG_FILE).write_text(json.dumps(record))
+    pipeline.check_workdir(extended, str(workdir))
+    # ... but the teacher not once a student has started from it, and no epochs are removed.
+    _started_workdir(tmp_path / "wd2", old, stages=("teacher", "student"))
+    with pytest.raises(ValueError, match=r"teacher\.num_epochs: 1 -> 3\. Use"):
+        pipeline.check_workdir(extended, str(tmp_path / "wd2"))
+    longer = tiny_config("cifar10", tmp_path / "no_data", **{"student.num_epochs": 2})
+    pipeline.check_workdir(longer, str(tmp_path / "wd2"))
+    (tmp_path / "wd2" / pipeline.CONFIG_FILE).write_text(json.dumps(pipeline.config_record(longer)))
+    with pytest.raises(ValueError, match=r"student\.num_epochs: 2 -> 1\. Use"):
+        pipeline.check_workdir(old, str(tmp_path / "wd2"))
+    # Nothing to resume (no saved epoch): any config may start there.
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / pipeline.CONFIG_FILE).write_text(json.dumps(record))
+    pipeline.check_workdir(new, str(tmp_path / "fresh"))
+
+
+@pytest.mark.parametrize(
+    "damage, bad_file",
+    [
+        (lambda d: (d / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01"), "t10k-labels"),
+        (lambda d: (d / "train-images-idx3-ubyte").unlink(), None),  # no train images at all
+    ],
+    ids=["truncated_labels", "missing_file"],
+)
+def test_bad_data_fails_before_work(data_fashion_mnist_dir, tmp_path, damage, bad_file):
+    config = tiny_config("fashion_mnist", data_fashion_mnist_dir)
+    workdir = tmp_path / "wd"
+    _started_workdir(workdir, config, stages=("teacher", "student"))
+    before = _snapshot(workdir)
+    damage(data_fashion_mnist_dir)
+    error = ValueError if bad_file else FileNotFoundError
+    with pytest.raises(error) as err:
+        pipeline.run(config, str(workdir))
+    expected = os.path.join(data_fashion_mnist_dir, bad_file) if bad_file else "No fashion_mnist"
+    assert str(err.value).startswith(expected) and "\n" not in str(err.value)
+    assert _snapshot(workdir) == before
+
+
+def _save_model(directory, name: str, width: float, dataset: str, **kwargs) -> None:
+    """One saved epoch of `name` (zeros: only shapes matter) in the stage `directory`."""
+    info = dataset_info(dataset)
+    model = create_model(name, num_classes=info.num_classes, width=width, **kwargs)
+    shapes = jax.eval_shape(lambda: steps.init_variables(model, info, 0))
+    variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    ckpt = checkpoints.StageCheckpoints(str(directory))
+    ckpt.save(1, steps.create_train_state(variables, optax.sgd(0.1), 0), {"history": []}, 0.5)
+    ckpt.close()
+
+
+@pytest.mark.parametrize(
+    "saved, message",
+    [
+        (  # another architecture: a deeper teacher has paths the model lacks
+            ("teacher", "resnet34", 0.0625, "cifar10"),
+            r"params/stage1/block2/bn1/bias is \(4,\) float32 in the checkpoint but missing in "
+            r"the model \(79 more paths differ\)",
+        ),
+        (  # another width
+            ("teacher", "resnet18", 0.125, "cifar10"),
+            r"params/head/kernel is \(64, 10\) float32 in the checkpoint but \(32, 10\) float32",
+        ),
+        (  # another class count
+            ("teacher", "resnet18", 0.0625, "cifar100"),
+            r"params/head/bias is \(100,\) float32 in the checkpoint but \(10,\) float32 in the "
+            r"model \(1 more path differs\)",
+        ),
+        (  # a spiking student's stage: ANN shapes, but its run's config.json says what it is
+            ("student", "spiking_resnet18", 0.0625, "cifar10"),
+            r"is the student stage of a run of student.model='spiking_resnet18', "
+            r"student.width=0.0625 \(.*config.json\), but config.teacher.model='resnet18'",
+        ),
+    ],
+    ids=["architecture", "width", "classes", "spiking_stage"],
+)
+def test_teacher_checkpoint_of_another_model_names_the_path(tmp_path, saved, message):
+    stage, *model = saved
+    run = tmp_path / "teacher_run"
+    _save_model(run / stage, *model, **({"time_steps": 2} if stage == "student" else {}))
+    config = tiny_config(
+        "cifar10", tmp_path / "no_data", **{"teacher.checkpoint": str(run / stage)}
+    )
+    if stage == "student":
+        written = tiny_config("cifar10", None)
+        (run / pipeline.CONFIG_FILE).write_text(json.dumps(pipeline.config_record(written)))
+    before = _snapshot(run)
+    with pytest.raises(ValueError, match=message) as err:
+        pipeline.run(config, str(tmp_path / "wd"))  # before the (missing) data is read
+    assert str(err.value).startswith(f"config.teacher.checkpoint='{run / stage}'")
+    assert "\n" not in str(err.value) and _snapshot(run) == before
+
+
+def test_cli_bad_input_is_one_line_and_touches_no_checkpoint(data_fashion_mnist_dir, tmp_path):
+    """The CLI on a truncated data file, in a workdir holding a run of the same config: exit
+    status 1, one line naming the file, every file of the workdir as it was."""
+    workdir = tmp_path / "wd"
+    _started_workdir(workdir, tiny.get_config(), stages=("teacher", "student"))
+    before = _snapshot(workdir)
+    bad = data_fashion_mnist_dir / "train-images-idx3-ubyte"
+    bad.write_bytes(bad.read_bytes()[:-28])
+    out = _cli(f"--workdir={workdir}", f"--config.data_dir={data_fashion_mnist_dir}", timeout=300)
+    assert out.returncode == 1, out.stderr[-3000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"error: {bad}: ") and "truncated" in lines[-1], out.stderr
+    assert "Traceback" not in out.stderr
+    assert _snapshot(workdir) == before
