@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from idsnn_jax import steps, train
+from idsnn_jax import steps, torch_import, train
 from idsnn_jax.checkpoints import has_checkpoint, load_variables, locate, saved_shapes
 from idsnn_jax.datasets import load_split
 from idsnn_jax.logs import MetricLogger, logger, setup_logging
@@ -36,10 +36,14 @@ def train_teacher(
     """Stage 1: (the teacher's variables as host arrays, its best test accuracy or None).
 
     Trains the teacher in `<workdir>/teacher` (resuming, or returning at once when done),
-    or loads `config.teacher.checkpoint`. The best-accuracy epoch is what the student
-    learns from.
+    or loads `config.teacher.checkpoint` (one of ours, or a PyTorch file: `torch_import`).
+    The best-accuracy epoch is what the student learns from.
     """
     expected = plan.abstract_variables["teacher"]
+    if config.teacher.checkpoint and torch_import.is_torch_file(config.teacher.checkpoint):
+        variables = torch_import.load_torch_teacher(config.teacher.checkpoint, expected)
+        logger.info("[teacher] imported from PyTorch %s", config.teacher.checkpoint)
+        return variables, None
     if config.teacher.checkpoint:
         variables = load_variables(config.teacher.checkpoint)
         _check_teacher_shapes(config, variables, expected)
@@ -62,9 +66,13 @@ def check_teacher_checkpoint(config: ml_collections.ConfigDict, plan: RunPlan) -
     Reads only metadata: every tree path's shape and dtype against the model's (another
     architecture, width or class count names the first differing path and both shapes), then,
     when the checkpoint's run left its `config.json`, the model and width it was trained as
-    (a spiking student's stage has the shapes of an ANN of its depth, but is not one).
+    (a spiking student's stage has the shapes of an ANN of its depth, but is not one). A
+    PyTorch file is mapped onto the model (`torch_import`: errors name key, path and shapes).
     """
     path = config.teacher.checkpoint
+    if torch_import.is_torch_file(path):
+        torch_import.load_torch_teacher(path, plan.abstract_variables["teacher"])
+        return
     _check_teacher_shapes(config, saved_shapes(path), plan.abstract_variables["teacher"])
     stage_dir, _ = locate(os.path.abspath(path))
     run_config = os.path.join(os.path.dirname(stage_dir), CONFIG_FILE)

@@ -45,10 +45,12 @@ class _Basic(nn.Module):
 class _ReferenceResNet(nn.Module):
     """The reference's CIFAR ResNet (`models/ResNet.py` names), widths 64 * width * 2^i."""
 
-    def __init__(self, num_blocks, widths, num_classes: int) -> None:
+    def __init__(self, num_blocks, widths, num_classes: int, in_channels: int = 3) -> None:
         super().__init__()
         self.conv1 = nn.Sequential(
-            nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+            nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(),
         )
         cin = widths[0]
         for i, (n, cout) in enumerate(zip(num_blocks, widths, strict=True)):
@@ -159,3 +161,42 @@ def test_missing_and_unknown_keys_are_named():
         torch_import.from_torch_state_dict(state, _target())
     with pytest.raises(ValueError, match="unknown state_dict layout"):
         torch_import.from_torch_state_dict({"w": np.zeros(2)}, _target())
+
+
+def test_pipeline_takes_a_pytorch_teacher(data_fashion_mnist_dir, tmp_path):
+    """`config.teacher.checkpoint=<file>.pth`: no teacher stage; the student is initialized
+    from the PyTorch weights (same width: its stem kernel is PyTorch's, transposed)."""
+    from idsnn_jax import pipeline
+    from idsnn_jax.configs import tiny
+
+    torch.manual_seed(1)
+    teacher = _ReferenceResNet((2, 2, 2, 2), (4, 8, 16, 32), 10, in_channels=1).eval()
+    path = tmp_path / "teacher.pth"
+    torch.save(teacher.state_dict(), path)
+    config = tiny.get_config()
+    config.data_dir = str(data_fashion_mnist_dir)
+    config.max_train_examples, config.max_test_examples = 32, 8
+    config.teacher.checkpoint = str(path)
+    ctx, plan = pipeline.create_context(config, str(tmp_path / "run"))
+    variables, accuracy = pipeline.train_teacher(ctx, config, plan)
+    assert accuracy is None
+    np.testing.assert_array_equal(
+        variables["params"]["stem"]["conv"]["kernel"],
+        teacher.conv1[0].weight.detach().numpy().transpose(2, 3, 1, 0),
+    )
+    np.testing.assert_array_equal(
+        variables["batch_stats"]["stage4"]["block1"]["bn2"]["var"],
+        teacher.conv5_x[1].residual_function[4].running_var.numpy(),
+    )
+    pipeline.run(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "teacher").exists()
+    report = (tmp_path / "run" / "student_transfer_report.txt").read_text()
+    assert "copied params/stem/conv/kernel" in report
+    bad = tiny.get_config()
+    bad.data_dir = str(data_fashion_mnist_dir)
+    bad.teacher.checkpoint = str(path)
+    bad.teacher.width = 0.125
+    with pytest.raises(
+        ValueError, match=r"teacher\.pth: state_dict key 'fc\.weight' is \(10, 32\)"
+    ):
+        pipeline.run(bad, str(tmp_path / "bad"))
