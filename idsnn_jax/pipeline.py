@@ -204,10 +204,11 @@ def _student(
     init: bool,
     distill: bool,
 ) -> train.FitResult:
-    """Stages 2 and 3 for one student: build, optionally initialize from the teacher, train."""
+    """Stages 2 and 3 for one student: build, optionally initialize from the teacher, train.
+    A stage that has checkpoints resumes from them: no transfer is redone or logged."""
     model = plan.models["student"]
     variables = steps.init_variables(model, plan.info, config.seed + 1)
-    if init:
+    if init and not has_checkpoint(os.path.join(ctx.workdir, stage)):
         variables, report = init_snn_from_ann(
             teacher_variables,
             variables,

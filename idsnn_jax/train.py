@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 from idsnn_jax import input_pipeline, steps
 from idsnn_jax.checkpoints import StageCheckpoints
 from idsnn_jax.datasets import DatasetInfo, Split
-from idsnn_jax.logs import MetricLogger, progress
+from idsnn_jax.logs import MetricLogger, logger, progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +143,17 @@ def fit(
         history = meta["history"]
     if len(history) >= options.num_epochs:
         ckpt.close()
-        return FitResult(state, history[: options.num_epochs])
+        result = FitResult(state, history[: options.num_epochs])
+        logger.info(
+            "[%s] finished earlier (best %.2f%% at epoch %d of %d), skipping",
+            stage,
+            100 * result.best_accuracy,
+            result.best_epoch,
+            options.num_epochs,
+        )
+        return result
+    if history:
+        logger.info("[%s] resuming at epoch %d of %d", stage, len(history) + 1, options.num_epochs)
     train_fn, eval_fn = _compile(ctx, model, tx, options, teacher[0] if teacher else None)
     teacher_variables = steps.replicate(teacher[1] if teacher else {}, ctx.mesh)
     data = steps.device_data(ctx.train_split.images, ctx.train_split.labels, ctx.mesh)

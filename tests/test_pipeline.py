@@ -6,6 +6,7 @@ devices (conftest), so all of this runs data-parallel."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -20,7 +21,7 @@ import pytest
 from idsnn_jax import checkpoints, pipeline, steps, train
 from idsnn_jax.configs import tiny
 from idsnn_jax.datasets import dataset_info
-from idsnn_jax.logs import MetricLogger
+from idsnn_jax.logs import MetricLogger, logger
 from idsnn_jax.models import create_model
 from idsnn_jax.plan import build_plan
 from idsnn_jax.transfer import init_snn_from_ann
@@ -83,10 +84,33 @@ def test_pipeline_on_cifar_archive_then_rerun_skips(data_cifar10_dir, tmp_path):
     assert report.startswith("transfer: ") and "params/stem/conv/kernel" in report
     assert summary["student_best_accuracy"] == records[1]["test_accuracy"]
 
-    again = pipeline.run(config, str(workdir))  # both stages finished: nothing retrains
+    assert (workdir / "curves.png").stat().st_size and (workdir / "firing_rates.png").stat().st_size
+
+    (workdir / "student_transfer_report.txt").unlink()
+    lines = _LogLines()
+    logger.addHandler(lines)
+    try:
+        again = pipeline.run(config, str(workdir))  # both stages finished: nothing retrains
+    finally:
+        logger.removeHandler(lines)
     assert len(_records(workdir)) == 2
     assert again["student_best_accuracy"] == summary["student_best_accuracy"]
     assert again["teacher_best_accuracy"] == summary["teacher_best_accuracy"]
+    best = 100 * summary["student_best_accuracy"]
+    assert f"[student] finished earlier (best {best:.2f}% at epoch 1 of 1), skipping" in lines.lines
+    assert not any("initialized from the teacher" in line for line in lines.lines)
+    assert not (workdir / "student_transfer_report.txt").exists()  # no transfer redone
+
+
+class _LogLines(logging.Handler):
+    """Collects the package's log messages in `lines`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
 
 
 def test_pipeline_on_tfds_mock_cifar10(tmp_path):
