@@ -102,3 +102,20 @@ def cyclic(src: np.ndarray, shape: tuple[int, ...], axes: tuple[int, ...]) -> np
         reps[axis] = -(-shape[axis] // src.shape[axis])  # ceil
     tiled = np.tile(src, reps)
     return tiled[tuple(slice(0, shape[a]) if a in axes else slice(None) for a in range(src.ndim))]
+
+
+def synaptic_events(x: np.ndarray, k: int, stride: int, pad: int, out_channels: int) -> np.ndarray:
+    """Per row of x (N, H, W, C): sum over output positions and output channels of the input
+    values in each k x k window (inside the image): a conv's SOPs for spike (count) inputs,
+    its connections (MACs) for an all-ones input. Plain loops, per output position."""
+    n, h, w, _ = x.shape
+    out_h, out_w = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    events = np.zeros(n)
+    for i in range(out_h):
+        for j in range(out_w):
+            for di in range(k):
+                for dj in range(k):
+                    r, c = i * stride - pad + di, j * stride - pad + dj
+                    if 0 <= r < h and 0 <= c < w:
+                        events += x[:, r, c, :].sum(axis=1)
+    return events * out_channels
