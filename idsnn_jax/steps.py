@@ -27,7 +27,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from idsnn_jax import input_pipeline
+from idsnn_jax import energy, input_pipeline
 from idsnn_jax.datasets import DatasetInfo
 from idsnn_jax.losses import cross_entropy, idsnn_loss
 from idsnn_jax.models import firing_rates
@@ -217,14 +217,28 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(model: nn.Module, info: DatasetInfo) -> Callable[[TrainState, Batch], Batch]:
+def make_eval_step(
+    model: nn.Module, info: DatasetInfo, *, count_ops: bool = False
+) -> Callable[[TrainState, Batch], Batch]:
     """Per-device eval step -> sums over the global batch of loss, correct, count, and
-    (for spiking models) firing rate per layer; padded examples (`mask == 0`) count 0."""
+    (for spiking models) firing rate per layer; padded examples (`mask == 0`) count 0.
+
+    With `count_ops`, also each layer's SOPs and MACs and their totals (`energy.py`); the
+    model runs without rematerialization there (the forward is the same).
+    """
+    counted = model.clone(remat=False) if count_ops else model
+
+    def apply(variables: Any, images: jax.Array) -> tuple[jax.Array, Any, Batch]:
+        kwargs = dict(train=False, mutable=["intermediates"])
+        if not count_ops:
+            return (*model.apply(variables, images, **kwargs), {})
+        (logits, inter), counts = energy.counted_apply(counted, variables, images, **kwargs)
+        return logits, inter, {**counts, **energy.totals(counts)}
 
     def eval_step(state: TrainState, batch: Batch) -> Batch:
         images = input_pipeline.normalize(batch["image"], info)
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        logits, inter = model.apply(variables, images, train=False, mutable=["intermediates"])
+        logits, inter, counts = apply(variables, images)
         mask = batch["mask"]
         sums = {
             "loss": cross_entropy(logits, batch["label"], weights=mask) * jnp.sum(mask),
@@ -233,6 +247,7 @@ def make_eval_step(model: nn.Module, info: DatasetInfo) -> Callable[[TrainState,
         }
         rates = firing_rates(inter.get("intermediates", {}))
         sums.update({f"firing_rate/{k}": jnp.sum(v * mask) for k, v in rates.items()})
+        sums.update({k: jnp.sum(v * mask) for k, v in counts.items()})
         return jax.lax.psum(sums, AXIS)
 
     return eval_step

@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from idsnn_jax import input_pipeline, steps
+from idsnn_jax import energy, input_pipeline, steps
 from idsnn_jax.datasets import DatasetInfo
 from idsnn_jax.losses import cross_entropy, idsnn_loss
 from idsnn_jax.models import create_model
@@ -241,3 +241,23 @@ def test_lr_interval_steps_the_rate_inside_training():
 def test_optimizer_options_name_the_bad_field(field, value):
     with pytest.raises(ValueError, match=f"^{field}="):
         steps.OptimizerOptions(**{field: value})
+
+
+def test_eval_step_counts_operations_over_devices():
+    """With count_ops, the sharded eval step's SOP and MAC sums equal `energy.counted_apply`
+    on the whole batch (padding masked), and the totals are the per-layer sums."""
+    student, _ = _models()
+    variables = steps.init_variables(student, INFO, 0)
+    batch = _batches(1, 8, seed=5)[0] | {"mask": np.array([1] * 6 + [0] * 2, np.float32)}
+    mesh = steps.create_mesh()
+    eval_fn = steps.compile_eval_step(mesh, steps.make_eval_step(student, INFO, count_ops=True))
+    state = steps.replicate(steps.create_train_state(variables, optax.sgd(0.1), 0), mesh)
+    sums = jax.device_get(eval_fn(state, steps.shard_batch(batch, mesh)))
+    images = input_pipeline.normalize(jnp.asarray(batch["image"][:6]), INFO)
+    _, counts = energy.counted_apply(student.clone(bn_axis_name=None), variables, images)
+    for key in ("sops/stage1/block0/conv1", "macs/stem/conv", "macs/head"):
+        assert sums[key] == pytest.approx(float(np.sum(counts[key])), rel=1e-6)
+    assert sums["sops"] == pytest.approx(
+        sum(float(np.sum(v)) for k, v in counts.items() if k.startswith("sops/")), rel=1e-6
+    )
+    assert sums["sops"] > 0 and sums["count"] == 6
