@@ -224,6 +224,24 @@ def test_jit_grad_vmap():
         np.testing.assert_allclose(np.asarray(gb[b]), g_ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_unrolled_lif_matches_rolled_scan_and_numpy(unroll):
+    # The default unrolls the time loop (no while loop in the program); a rolled scan (1 step
+    # per iteration, or 2 with a remainder at T=5) gives the same spikes and BPTT gradient.
+    rng = np.random.default_rng(4)
+    x = rng.normal(0.5, 1.0, size=(5, 3, 4)).astype(np.float32)
+    w = rng.normal(size=x.shape).astype(np.float32)
+    rolled = functools.partial(lif_scan, unroll=unroll)
+    assert "while" not in jax.jit(lif_scan).lower(jnp.asarray(x)).as_text()
+    assert "while" in jax.jit(rolled).lower(jnp.asarray(x)).as_text()
+    _, s_ref = ref.lif_forward(x, 0.25, 0.5)
+    for f in (lif_scan, rolled):
+        np.testing.assert_array_equal(np.asarray(jax.jit(f)(jnp.asarray(x))), s_ref)
+        g = jax.jit(jax.grad(lambda xx, f=f: jnp.sum(jnp.asarray(w) * f(xx))))(jnp.asarray(x))
+        g_ref = np_lif_backward(x, w, 0.25, 0.5, "rect", 0.5)
+        np.testing.assert_allclose(np.asarray(g), g_ref, rtol=1e-5, atol=1e-6)
+
+
 def test_lif_step_single_update():
     u_prev = jnp.array([0.8, 0.8, 0.2], jnp.float32)
     s_prev = jnp.array([1.0, 0.0, 0.0], jnp.float32)
