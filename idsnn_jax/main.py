@@ -5,7 +5,10 @@ notebooks call directly. Override any value with `--config.key=value`, e.g.
 `--config.student.time_steps=6 --config.distill=False`. Rerunning the same command
 resumes every stage where it stopped. Bad input (a config value, a data file, a teacher
 checkpoint, a workdir of another run) ends the run before any work with one line,
-`error: ...`, on stderr and exit status 1; `--traceback` shows the whole stack instead.
+`error: ...`, on stderr and exit status 1, and so does a diverging loss (naming stage, epoch
+and step); `--traceback` shows the whole stack instead. SIGTERM or SIGINT stops the run at
+the next safe point (`faults`), after its pending checkpoint save, with one line saying how
+to resume and exit status 128 + the signal's number (143, 130).
 """
 
 import sys
@@ -26,13 +29,17 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from idsnn_jax import pipeline  # after flags parsing, so --help is fast
+    from idsnn_jax import faults, pipeline  # after flags parsing, so --help is fast
 
     logging.set_verbosity(logging.WARNING)  # orbax and JAX are chatty at INFO
     print(f"config:\n{_CONFIG.value}", flush=True)
+    faults.install_stop_handlers()
     try:
         pipeline.run(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, FileNotFoundError) as err:  # what every input check raises
+    except faults.Preempted as stop:
+        print(stop, file=sys.stderr, flush=True)
+        sys.exit(128 + stop.signum)
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:  # bad input, divergence
         if _TRACEBACK.value:
             raise
         sys.exit("error: " + " ".join(line.strip() for line in str(err).splitlines()))

@@ -9,7 +9,9 @@ KD only (`init_from_teacher=False`) and IDSNN (both, the default).
 Bad input fails before any work and touches no checkpoint: the config (`plan.build_plan`),
 a workdir that holds a run of another config (`check_workdir`, against the
 `<workdir>/config.json` every run writes), a `teacher.checkpoint` of another architecture,
-width or class count (`check_teacher_checkpoint`), then the data files (`datasets`).
+width or class count (`check_teacher_checkpoint`), then the data files (`datasets`). A run
+that stops on a non-finite loss leaves `DIVERGED_FILE`, after which (only) a resume may
+lower the learning rate (`RESUME_AFTER_DIVERGENCE`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from idsnn_jax import steps, torch_import, train
+from idsnn_jax import faults, steps, torch_import, train
 from idsnn_jax.checkpoints import has_checkpoint, load_variables, locate, saved_shapes
 from idsnn_jax.datasets import load_split
 from idsnn_jax.logs import MetricLogger, logger, setup_logging
@@ -140,6 +142,12 @@ RESUME_FREE = frozenset(
 # extended run equals one configured longer from the start. The teacher's only while no
 # student stage has started from it (the student would have learned from another teacher).
 RESUME_GROW = {"student.num_epochs": (), "teacher.num_epochs": ("student", "baseline")}
+# Keys that may be lowered only to resume a run that stopped on a non-finite loss (it left
+# DIVERGED_FILE): the epochs trained from then on use the new value, the saved ones keep
+# theirs (each epoch's rate is in metrics.jsonl), so the run no longer equals a fresh run of
+# either config; it is the one repair a diverged run needs without losing its epochs.
+RESUME_AFTER_DIVERGENCE = frozenset({"optimizer.learning_rate"})
+DIVERGED_FILE = "diverged.txt"
 
 
 def config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -150,7 +158,8 @@ def config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     """ValueError naming every key (old -> new value) in which `config` differs from the run
     whose checkpoints `workdir` holds, beyond what a resume may change (`RESUME_FREE`,
-    `RESUME_GROW`). Generic over the config tree: a key that only one side has differs too.
+    `RESUME_GROW`, `RESUME_AFTER_DIVERGENCE` when the workdir holds `DIVERGED_FILE`). Generic
+    over the config tree: a key that only one side has differs too.
     Nothing to check when the workdir has no checkpoint or no `config.json` (a run of an
     older version: it is written now).
     """
@@ -169,6 +178,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
         old = flatten(json.load(f))
     new = flatten(config_record(config))
     absent = "<absent>"
+    diverged = os.path.isfile(os.path.join(workdir, DIVERGED_FILE))
     diffs = []
     for key in sorted(old.keys() | new.keys()):
         was, now = old.get(key, absent), new.get(key, absent)
@@ -176,6 +186,10 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
             continue
         grows = isinstance(was, int) and isinstance(now, int) and now > was
         if key in RESUME_GROW and grows and not set(RESUME_GROW[key]) & set(started):
+            continue
+        numbers = all(isinstance(v, int | float) for v in (was, now))
+        if key in RESUME_AFTER_DIVERGENCE and diverged and numbers and now < was:
+            logger.warning("%s: %r -> %r to resume the diverged run in %s", key, was, now, workdir)
             continue
         diffs.append(f"{key}: {was!r} -> {now!r}")
     if diffs:
@@ -187,11 +201,14 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes `<workdir>/config.json`; the run it now records has not diverged (yet)."""
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
             json.dump(config_record(config), f, indent=2)
             f.write("\n")
+        if os.path.isfile(os.path.join(workdir, DIVERGED_FILE)):
+            os.remove(os.path.join(workdir, DIVERGED_FILE))
 
 
 def _student(
@@ -224,6 +241,7 @@ def _student(
         logger.info(
             "[%s] initialized from the teacher (every leaf: %s):\n%s", stage, path, report.summary()
         )
+        faults.point("transfer", stage, 1, 0)
     teacher = (plan.models["teacher"], teacher_variables) if distill else None
     return train.fit(
         ctx,
@@ -272,19 +290,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ctx, plan = create_context(config, workdir)
     summary: dict[str, Any] = {"dataset": config.dataset}
     teacher_variables = None
-    if plan.needs_teacher:
-        teacher_variables, summary["teacher_best_accuracy"] = train_teacher(ctx, config, plan)
     students = [("student", config.init_from_teacher, config.distill)]
     if config.compare_baseline:
         students.append(("baseline", False, False))
-    for stage, init, distill in students:
-        result = _student(
-            ctx, config, plan, teacher_variables, stage=stage, init=init, distill=distill
-        )
-        summary[f"{stage}_best_accuracy"] = result.best_accuracy
-        summary[f"{stage}_last_accuracy"] = result.last_accuracy
-        summary[f"{stage}_epochs"] = len(result.history)
-    ctx.writer.close()
+    try:
+        if plan.needs_teacher:
+            teacher_variables, summary["teacher_best_accuracy"] = train_teacher(ctx, config, plan)
+        for stage, init, distill in students:
+            result = _student(
+                ctx, config, plan, teacher_variables, stage=stage, init=init, distill=distill
+            )
+            summary[f"{stage}_best_accuracy"] = result.best_accuracy
+            summary[f"{stage}_last_accuracy"] = result.last_accuracy
+            summary[f"{stage}_epochs"] = len(result.history)
+    except FloatingPointError as err:  # lets the resume lower the learning rate (check_workdir)
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, DIVERGED_FILE), "w") as f:
+                f.write(f"{err}\n")
+        raise
+    finally:
+        ctx.writer.close()
     summary["wall_seconds"] = time.time() - start
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:

@@ -3,7 +3,8 @@
 `fit` runs the epoch loop over the jitted steps of `steps.py`: the training split placed
 on the devices once, each epoch's order drawn there, `steps_per_call` steps per host
 dispatch, evaluation on the whole test split after every epoch, a NaN guard, metric
-records and one checkpoint per saved epoch. It reads a small frozen `FitOptions`, never the config:
+records, one checkpoint per saved epoch, and safe points where SIGTERM/SIGINT stop it
+(`faults.point`). It reads a small frozen `FitOptions`, never the config:
 only the pipeline reads the ConfigDict.
 """
 
@@ -25,7 +26,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from idsnn_jax import input_pipeline, steps
+from idsnn_jax import faults, input_pipeline, steps
 from idsnn_jax.checkpoints import StageCheckpoints
 from idsnn_jax.datasets import DatasetInfo, Split
 from idsnn_jax.logs import MetricLogger, logger, progress
@@ -129,7 +130,8 @@ def fit(
     Resumes from the newest checkpoint in `<workdir>/<stage>` (same schedule, data order
     and RNG stream, so the result equals an uninterrupted run) and returns at once when
     the stage already finished. Raises FloatingPointError naming the step if the loss
-    diverges.
+    diverges (before that epoch is saved), and `faults.Preempted` at a safe point after
+    SIGTERM/SIGINT; either way a pending checkpoint save is finished first.
     """
     steps_per_epoch = input_pipeline.num_train_steps(len(ctx.train_split), options.batch_size)
     tx, schedule = steps.create_optimizer(options.optimizer, steps_per_epoch, options.num_epochs)
@@ -141,6 +143,7 @@ def fit(
     if restored is not None:
         state, meta = restored
         history = meta["history"]
+    saved = len(history)  # the newest checkpointed epoch: what a stop resumes from
     if len(history) >= options.num_epochs:
         ckpt.close()
         result = FitResult(state, history[: options.num_epochs])
@@ -160,18 +163,26 @@ def fit(
     try:
         for epoch in range(len(history), options.num_epochs):
             state, record = _train_epoch(
-                ctx, stage, epoch, options, train_fn, state, data, teacher_variables
+                ctx, stage, epoch, options, train_fn, state, data, teacher_variables, saved
             )
             record["lr"] = float(schedule(epoch * steps_per_epoch))
             test = evaluate(eval_fn, state, ctx.test_split, options.eval_batch_size, ctx.mesh)
+            if not math.isfinite(test["loss"]):  # a last step that broke the weights
+                raise FloatingPointError(
+                    f"[{stage}] test loss is {test['loss']} after epoch {epoch + 1}; lower "
+                    "optimizer.learning_rate or check the data"
+                )
             record.update({f"test_{k}" if "/" not in k else k: v for k, v in test.items()})
             history.append(record)
             ctx.writer.write(stage, epoch + 1, record)
             if _should_save(history, options):
                 meta = {"epoch": epoch + 1, "history": history}
                 ckpt.save(epoch + 1, state, meta, record["test_accuracy"])
+                saved = epoch + 1
+                faults.point("save", stage, epoch + 1, saved)  # while the save is written
     finally:
-        ckpt.close()
+        ckpt.close()  # waits for a pending save, also when stopped by an exception
+    faults.point("stage_end", stage, len(history), saved)
     return FitResult(state, history)
 
 
@@ -238,8 +249,11 @@ def _train_epoch(
     state: steps.TrainState,
     data: steps.Batch,
     teacher_variables: Any,
+    saved: int,
 ) -> tuple[steps.TrainState, dict[str, float]]:
-    """One pass over the shuffled training split; returns the new state and mean metrics."""
+    """One pass over the shuffled training split; returns the new state and mean metrics.
+    A stop signal ends it after any dispatch (`faults.point`; `saved`: the newest
+    checkpointed epoch, for the message)."""
     calls = _epoch_calls(ctx, epoch, options)
     bar = progress(
         calls,
@@ -254,6 +268,7 @@ def _train_epoch(
     done = 0
     for indices, valid in bar:
         state, metrics = train_fn(state, data, indices, valid, teacher_variables)
+        faults.point("train_call", stage, epoch + 1, saved)
         pending.append(metrics)
         before, done = done, done + int(np.sum(valid))
         if done // options.log_every_steps > before // options.log_every_steps or done == num_steps:
