@@ -61,7 +61,7 @@ class MetricLogger:
         for key, value in metrics.items():
             writer.add_scalar(key, value, epoch)
         writer.flush()
-        shown = {k: v for k, v in metrics.items() if not k.startswith("firing_rate/")}
+        shown = {k: v for k, v in metrics.items() if "/" not in k}  # per-layer values: files
         logger.info("[%s] epoch %d: %s", stage, epoch, _format(shown))
 
     def _writer(self, stage: str) -> Any:

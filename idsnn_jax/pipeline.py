@@ -136,6 +136,7 @@ RESUME_FREE = frozenset(
         "checkpoint_every_epochs",
         "compare_baseline",  # adds (or skips) the baseline stage; the others are unchanged
         "steps_per_call",
+        "energy",  # what evaluation counts, not what trains
     }
 )
 # Keys that may grow: a milestone at or after the old last epoch acts only after it, so the
@@ -303,6 +304,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             summary[f"{stage}_best_accuracy"] = result.best_accuracy
             summary[f"{stage}_last_accuracy"] = result.last_accuracy
             summary[f"{stage}_epochs"] = len(result.history)
+            if "test_energy_uj" in result.history[-1]:  # per test image, at the last epoch
+                for key in ("energy_uj", "sops", "macs"):
+                    summary[f"{stage}_{key}"] = result.history[-1][f"test_{key}"]
     except FloatingPointError as err:  # lets the resume lower the learning rate (check_workdir)
         if jax.process_index() == 0:
             with open(os.path.join(workdir, DIVERGED_FILE), "w") as f:

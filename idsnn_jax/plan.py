@@ -128,6 +128,7 @@ def _fit_options(config: ml_collections.ConfigDict, role: str) -> FitOptions:
             "checkpoint_every_epochs",
             "log_every_steps",
             "steps_per_call",
+            "energy",
         )
     }
     return from_config(FitOptions, config, keys, optimizer=optimizer)

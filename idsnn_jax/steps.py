@@ -266,16 +266,23 @@ def make_train_loop(train_step: TrainStep) -> TrainLoop:
     `data` holds the whole training split on this device ('image' uint8 (N, H, W, C), 'label'
     int (N,)); `indices` int32 (k, b) are the examples of this device's slice of each of the
     k global batches, gathered here; `valid` bool (k,) skips the padding steps of an epoch's
-    last call (their metrics are zeros). Metrics come back per step, each (k,).
+    last call (their metrics are zeros). Metrics come back per step, each (k,). With k = 1
+    the step runs without a loop around it: XLA:CPU runs a train step inside a while loop
+    about 20x slower (measured: Spiking ResNet18 width 0.25, T=1, batch 16: 0.90 s vs 0.044 s).
     """
+
+    def gather(data: Batch, idx: jax.Array) -> Batch:
+        return {"image": data["image"][idx], "label": data["label"][idx]}
 
     def body(state: TrainState, xs: tuple[jax.Array, jax.Array], data: Batch, teacher: Any):
         idx, ok = xs
-        batch = {"image": data["image"][idx], "label": data["label"][idx]}
         skip = lambda s: (s, {"loss": jnp.zeros(()), "accuracy": jnp.zeros(())})
-        return jax.lax.cond(ok, lambda s: train_step(s, batch, teacher), skip, state)
+        return jax.lax.cond(ok, lambda s: train_step(s, gather(data, idx), teacher), skip, state)
 
     def loop(state, data, indices, valid, teacher_variables):
+        if indices.shape[0] == 1:  # k = 1 is never padding: one plain step
+            state, metrics = train_step(state, gather(data, indices[0]), teacher_variables)
+            return state, jax.tree.map(lambda m: m[None], metrics)
         step = functools.partial(body, data=data, teacher=teacher_variables)
         return jax.lax.scan(step, state, (indices, valid))
 

@@ -26,7 +26,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from idsnn_jax import faults, input_pipeline, steps
+from idsnn_jax import energy, faults, input_pipeline, steps
 from idsnn_jax.checkpoints import StageCheckpoints
 from idsnn_jax.datasets import DatasetInfo, Split
 from idsnn_jax.logs import MetricLogger, logger, progress
@@ -49,6 +49,7 @@ class FitOptions:
     checkpoint_every_epochs: int = 1  # the last epoch and the best one are always saved
     log_every_steps: int = 50
     steps_per_call: int = 1  # train steps per host dispatch (a scan); results do not depend on it
+    energy: str = ""  # an `energy.PRESETS` name: count SOPs/MACs in evaluation; "": none
 
     def __post_init__(self) -> None:
         positive = (
@@ -71,6 +72,8 @@ class FitOptions:
                 "an integer >= 0",
             ),
         ]
+        ok = self.energy in ("", *energy.PRESETS)
+        checks.append(("energy", ok, f"'' (off) or one of {sorted(energy.PRESETS)}"))
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected {expected}")
@@ -172,6 +175,9 @@ def fit(
                     f"[{stage}] test loss is {test['loss']} after epoch {epoch + 1}; lower "
                     "optimizer.learning_rate or check the data"
                 )
+            if options.energy:
+                costs = energy.PRESETS[options.energy]
+                test["energy_uj"] = energy.energy_uj(test["macs"], test["sops"], costs)
             record.update({f"test_{k}" if "/" not in k else k: v for k, v in test.items()})
             history.append(record)
             ctx.writer.write(stage, epoch + 1, record)
@@ -204,7 +210,7 @@ def _compile(
         crop_padding=options.crop_padding,
         flip=options.flip,
     )
-    eval_step = steps.make_eval_step(model, ctx.info)
+    eval_step = steps.make_eval_step(model, ctx.info, count_ops=bool(options.energy))
     return (
         steps.compile_train_loop(ctx.mesh, steps.make_train_loop(train_step)),
         steps.compile_eval_step(ctx.mesh, eval_step),

@@ -83,6 +83,14 @@ def test_pipeline_on_cifar_archive_then_rerun_skips(data_cifar10_dir, tmp_path):
     report = (workdir / "student_transfer_report.txt").read_text()
     assert report.startswith("transfer: ") and "params/stem/conv/kernel" in report
     assert summary["student_best_accuracy"] == records[1]["test_accuracy"]
+    # Evaluation counted operations (config.energy): per-layer counts sum to the totals, and
+    # the energy is the 45 nm formula; the ANN teacher has MACs only.
+    student = records[1]
+    layers = sum(v for k, v in student.items() if k.startswith("sops/"))
+    assert student["test_sops"] == pytest.approx(layers, rel=1e-6) and layers > 0
+    expected = (4.6 * student["test_macs"] + 0.9 * student["test_sops"]) * 1e-6
+    assert summary["student_energy_uj"] == pytest.approx(expected)
+    assert records[0]["test_sops"] == 0 and records[0]["test_macs"] > student["test_macs"]
 
     assert (workdir / "curves.png").stat().st_size and (workdir / "firing_rates.png").stat().st_size
 
