@@ -42,10 +42,9 @@ import nir
 import numpy as np
 from absl import app, flags, logging
 
-from idsnn_jax.models.resnet import BasicBlock, Bottleneck, ResNet
+from idsnn_jax.models.resnet import BN_EPSILON, BasicBlock, Bottleneck, ResNet
 from idsnn_jax.models.spiking_resnet import LIF
 
-BN_EPSILON = 1e-5  # the epsilon of every BatchNorm in `resnet.ResNet`
 DT = 1.0  # the exported length of one time step
 # Block class -> (convs in its main branch, the 1-based index of the one carrying the stride).
 _BLOCKS = {BasicBlock: (2, 1), Bottleneck: (3, 2)}

@@ -15,6 +15,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 
 import io  # noqa: E402
+import logging
 import pathlib
 import pickle
 import struct
@@ -148,3 +149,23 @@ def data_fashion_mnist_dir(tmp_path: pathlib.Path) -> pathlib.Path:
         (tmp_path / f"{prefix}-images-idx3-ubyte").write_bytes(data_idx_bytes(images))
         (tmp_path / f"{prefix}-labels-idx1-ubyte").write_bytes(data_idx_bytes(labels))
     return tmp_path
+
+
+class _LogLines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def log_lines():
+    """The messages of the package's logger (`idsnn_jax`) during the test, as a list
+    (`clear()` it to look at what follows only)."""
+    handler = _LogLines()
+    logger = logging.getLogger("idsnn_jax")
+    logger.addHandler(handler)
+    yield handler.lines
+    logger.removeHandler(handler)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -24,7 +23,7 @@ import pytest
 
 from idsnn_jax import checkpoints, faults, pipeline, steps
 from idsnn_jax.configs import tiny
-from idsnn_jax.logs import epochs_by_stage, logger, read_records
+from idsnn_jax.logs import epochs_by_stage, read_records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = {"time", "epoch_seconds", "images_per_sec"}
@@ -194,16 +193,9 @@ def _files(directory) -> dict[str, bytes]:
     }
 
 
-class _LogLines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-def test_divergence_keeps_the_last_good_checkpoint(data_fashion_mnist_dir, tmp_path, monkeypatch):
+def test_divergence_keeps_the_last_good_checkpoint(
+    data_fashion_mnist_dir, tmp_path, monkeypatch, log_lines
+):
     """A loss that turns non-finite in the teacher's epoch 2 stops the run naming stage,
     epoch and step, before epoch 2 is logged or saved; the rerun with a lower learning rate
     (allowed only because the run diverged) resumes from epoch 1's checkpoint."""
@@ -229,13 +221,9 @@ def test_divergence_keeps_the_last_good_checkpoint(data_fashion_mnist_dir, tmp_p
     with pytest.raises(ValueError, match=r"optimizer\.learning_rate: 0\.05 -> 0\.1\. Use"):
         pipeline.run(config, str(workdir))
     config.optimizer.learning_rate = 0.01
-    lines = _LogLines()
-    logger.addHandler(lines)
-    try:
-        summary = pipeline.run(config, str(workdir))
-    finally:
-        logger.removeHandler(lines)
-    assert "[teacher] resuming at epoch 2 of 2" in lines.lines
+    log_lines.clear()
+    summary = pipeline.run(config, str(workdir))
+    assert "[teacher] resuming at epoch 2 of 2" in log_lines
     assert _files(workdir / "teacher" / "1") == kept
     records = read_records(str(workdir))
     assert [(r["stage"], r["epoch"], r["lr"]) for r in records] == [

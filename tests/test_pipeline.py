@@ -6,7 +6,6 @@ devices (conftest), so all of this runs data-parallel."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import subprocess
@@ -21,7 +20,7 @@ import pytest
 from idsnn_jax import checkpoints, pipeline, steps, train
 from idsnn_jax.configs import tiny
 from idsnn_jax.datasets import dataset_info
-from idsnn_jax.logs import MetricLogger, logger
+from idsnn_jax.logs import MetricLogger
 from idsnn_jax.models import create_model
 from idsnn_jax.plan import build_plan
 from idsnn_jax.transfer import init_snn_from_ann
@@ -53,7 +52,7 @@ def _records(workdir) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def test_pipeline_on_cifar_archive_then_rerun_skips(data_cifar10_dir, tmp_path):
+def test_pipeline_on_cifar_archive_then_rerun_skips(data_cifar10_dir, tmp_path, log_lines):
     workdir = tmp_path / "run"
     config = tiny_config("cifar10", data_cifar10_dir, max_test_examples=6)
     summary = pipeline.run(config, str(workdir))
@@ -95,30 +94,15 @@ def test_pipeline_on_cifar_archive_then_rerun_skips(data_cifar10_dir, tmp_path):
     assert (workdir / "curves.png").stat().st_size and (workdir / "firing_rates.png").stat().st_size
 
     (workdir / "student_transfer_report.txt").unlink()
-    lines = _LogLines()
-    logger.addHandler(lines)
-    try:
-        again = pipeline.run(config, str(workdir))  # both stages finished: nothing retrains
-    finally:
-        logger.removeHandler(lines)
+    log_lines.clear()
+    again = pipeline.run(config, str(workdir))  # both stages finished: nothing retrains
     assert len(_records(workdir)) == 2
     assert again["student_best_accuracy"] == summary["student_best_accuracy"]
     assert again["teacher_best_accuracy"] == summary["teacher_best_accuracy"]
     best = 100 * summary["student_best_accuracy"]
-    assert f"[student] finished earlier (best {best:.2f}% at epoch 1 of 1), skipping" in lines.lines
-    assert not any("initialized from the teacher" in line for line in lines.lines)
+    assert f"[student] finished earlier (best {best:.2f}% at epoch 1 of 1), skipping" in log_lines
+    assert not any("initialized from the teacher" in line for line in log_lines)
     assert not (workdir / "student_transfer_report.txt").exists()  # no transfer redone
-
-
-class _LogLines(logging.Handler):
-    """Collects the package's log messages in `lines`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
 
 
 def test_pipeline_on_tfds_mock_cifar10(tmp_path):

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+BN_EPSILON = 1e-5  # every BatchNorm's epsilon (PyTorch's default)
 ModuleDef = Callable[..., nn.Module]
 
 # What `remat=True` keeps inside a block (everything else is recomputed in the backward pass).
@@ -234,7 +235,7 @@ class ResNet(nn.Module):
             nn.BatchNorm,
             use_running_average=not train,
             momentum=0.9,
-            epsilon=1e-5,
+            epsilon=BN_EPSILON,
             scale_init=nn.initializers.constant(self.bn_scale_init),
             axis_name=self.bn_axis_name if train else None,
             dtype=self.dtype,
