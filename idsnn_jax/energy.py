@@ -50,10 +50,17 @@ def _is_weighted_layer(module: nn.Module) -> bool:
     return isinstance(module.variables.get("params", {}).get("kernel"), jax.Array)
 
 
+def _ones(x: jax.Array) -> jax.Array:
+    """Ones shaped like `x`, computed from it (`x * 0 + 1`, which XLA does not fold for
+    floats): XLA:CPU (jaxlib 0.10.2) miscomputes some convs whose operands are constant
+    broadcasts (a 3x3 conv of all-ones arrays summed over 1 of its 32 input channels)."""
+    return x * 0 + 1
+
+
 def _with_ones(module: nn.Module, x: jax.Array) -> jax.Array:
     """`module` (unbound copy) applied to `x` with every kernel entry 1 and biases 0."""
     params = module.variables["params"]
-    ones = {k: (jnp.ones_like if k == "kernel" else jnp.zeros_like)(v) for k, v in params.items()}
+    ones = {k: _ones(v) if k == "kernel" else v * 0 for k, v in params.items()}
     return module.clone(parent=None).apply({"params": ones}, x)
 
 
@@ -87,7 +94,7 @@ def counted_apply(
     for module, x in seen:
         path = "/".join(module.path)
         analog = not spiking or module.path[0] in ("stem", "head")
-        ops = _per_image(_with_ones(module, jnp.ones_like(x) if analog else x), batch)
+        ops = _per_image(_with_ones(module, _ones(x) if analog else x), batch)
         zeros = jnp.zeros_like(ops)
         counts[f"sops/{path}"] = zeros if analog else ops
         counts[f"macs/{path}"] = ops if analog else zeros

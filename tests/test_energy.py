@@ -83,3 +83,17 @@ def test_energy_formula_and_presets():
     costs = energy.PRESETS["45nm_fp32"]
     assert energy.energy_uj(1e6, 2e6, costs) == pytest.approx((4.6e6 + 0.9 * 2e6) * 1e-6)
     assert energy.PRESETS["45nm_int8"].e_ac_pj < energy.PRESETS["45nm_fp16"].e_ac_pj < 0.9
+
+
+def test_counts_under_jit_equal_numpy_loops():
+    """Jitted (as in the eval step), at the sizes where XLA:CPU miscounted convs of constant
+    all-ones operands (28x28 images: a 32-channel 3x3 conv at 7x7 summed one input channel)."""
+    model = create_model("resnet34", num_classes=10, width=0.125)
+    images = jnp.zeros((4, 28, 28, 1))
+    variables = model.init(jax.random.key(0), images)
+    counts = jax.jit(lambda v, x: energy.counted_apply(model, v, x, train=False)[1])(
+        variables, images
+    )
+    for layer, (hw, c) in {"stage3/block5/conv1": (7, 32), "stage4/block2/conv2": (4, 64)}.items():
+        expected = ref.synaptic_events(np.ones((4, hw, hw, c)), 3, 1, 1, c)
+        np.testing.assert_allclose(counts[f"macs/{layer}"], expected)
