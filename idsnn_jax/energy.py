@@ -7,10 +7,13 @@ For every layer with a `kernel` (conv or dense), counted exactly from the data:
   spiking network that is the stem conv on the direct-encoded image (computed at each of
   the T steps, so counted T times) and the head on the time-averaged features; in an ANN
   it is every layer.
-Both come from the layer itself: it is linear in its kernel, so the layer applied with an
-all-ones kernel (bias 0) to the spikes sums, per output, the spikes it sees (SOPs), and
-applied to an all-ones input counts its connections (MACs); padding and strides are
-accounted for exactly. Energy `E = MACs * E_MAC + SOPs * E_AC`, with 45 nm constants
+Both come from the layer itself, through its fan-out: with an all-ones kernel (bias 0) the
+layer is linear in its input, and its transpose applied to all-ones outputs gives, per input
+element of one example, how many output units that element reaches (padding and strides
+accounted for exactly). SOPs of an example are its spikes weighted by that fan-out; MACs are
+the fan-out summed (every input counted as present). One example's transpose per layer, then
+a dot product per example: cheaper than running the network a second time.
+Energy `E = MACs * E_MAC + SOPs * E_AC`, with 45 nm constants
 (Horowitz, ISSCC 2014) by default. The counts leave out memory traffic: with it, an SNN beats
 a quantized ANN only at low average spike rates (arXiv 2409.08290: near 6% at T = 5-10).
 """
@@ -64,9 +67,18 @@ def _with_ones(module: nn.Module, x: jax.Array) -> jax.Array:
     return module.clone(parent=None).apply({"params": ones}, x)
 
 
-def _per_image(values: jax.Array, batch: int) -> jax.Array:
-    """Sums (N, ...) over all but the first axis, then over time when N = T * batch: (batch,)."""
-    sums = jnp.sum(values.reshape(values.shape[0], -1).astype(jnp.float32), axis=1)
+def _fanout(module: nn.Module, x: jax.Array) -> jax.Array:
+    """Per input element of one example (`x.shape[1:]`): the output units it reaches, float32."""
+    probe = _ones(x[:1].astype(jnp.float32))
+    out, transpose = jax.vjp(lambda z: _with_ones(module, z), probe)
+    return transpose(_ones(out))[0][0]
+
+
+def _per_image(rows: jax.Array, fanout: jax.Array, batch: int) -> jax.Array:
+    """`rows` (N, ...) weighted by `fanout` and summed per row, then over time when
+    N = T * batch: (batch,)."""
+    flat = rows.reshape(rows.shape[0], -1).astype(jnp.float32)
+    sums = flat @ fanout.reshape(-1)
     return sums.reshape(-1, batch).sum(axis=0)
 
 
@@ -94,7 +106,7 @@ def counted_apply(
     for module, x in seen:
         path = "/".join(module.path)
         analog = not spiking or module.path[0] in ("stem", "head")
-        ops = _per_image(_with_ones(module, _ones(x) if analog else x), batch)
+        ops = _per_image(_ones(x) if analog else x, _fanout(module, x), batch)
         zeros = jnp.zeros_like(ops)
         counts[f"sops/{path}"] = zeros if analog else ops
         counts[f"macs/{path}"] = ops if analog else zeros
