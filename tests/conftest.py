@@ -4,6 +4,12 @@ on-disk formats, so tests never need a download.
 Every test process sees 4 CPU devices, so the data-parallel code paths (shard_map over 4
 devices, synchronized BatchNorm) run in every pipeline test; XLA_FLAGS must be set before
 JAX initializes its backend, hence here.
+
+The 4 devices are threads sharing the machine's cores. When one lags (a loaded 2-core CI
+machine, pytest-xdist), the others wait for it in a collective, and XLA:CPU aborts the
+process once a rendezvous waits longer than its termination timeout ("Termination timeout
+for `all reduce ...` exceeded"; seen as `Fatal Python error: Aborted` in evaluation).
+A lagging fake device is not a bug, so the timeouts are an hour here.
 """
 
 from __future__ import annotations
@@ -11,7 +17,10 @@ from __future__ import annotations
 import os
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=4"
+    + " --xla_cpu_collective_call_terminate_timeout_seconds=3600"
+    + " --xla_cpu_collective_call_warn_stuck_timeout_seconds=3600"
 ).strip()
 
 import io  # noqa: E402
