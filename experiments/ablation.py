@@ -119,7 +119,7 @@ def _stage_row(workdir: str, stage: str) -> dict[str, Any] | None:
 
 def _shared_teacher(config: ml_collections.ConfigDict, root: str) -> tuple[str, dict | None]:
     """(checkpoint path, teacher summary or None): the given teacher, or one trained (once,
-    resumably) in `<root>/teacher_run`."""
+    resumably) with `config` in `<root>/teacher_run`."""
     from idsnn_jax.checkpoints import best_epoch
 
     if config.teacher.checkpoint:
@@ -137,10 +137,17 @@ def _shared_teacher(config: ml_collections.ConfigDict, root: str) -> tuple[str, 
 
 
 def run_ablation(
-    config: ml_collections.ConfigDict, root: str, variants: list[str] | None = None
+    config: ml_collections.ConfigDict,
+    root: str,
+    variants: list[str] | None = None,
+    teacher_config: ml_collections.ConfigDict | None = None,
 ) -> list[dict[str, Any]]:
     """Runs (or resumes) `variants` (default: all four) under `root`; returns one row each
-    (accuracies as fractions) and writes `<root>/ablation.json`."""
+    (accuracies as fractions) and writes `<root>/ablation.json`.
+
+    `teacher_config` (default `config`) trains the shared teacher: the same architecture with,
+    e.g., more data or epochs, so that it is clearly stronger than the students.
+    """
     from idsnn_jax import pipeline
     from idsnn_jax.plan import build_plan
 
@@ -148,13 +155,18 @@ def run_ablation(
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    if teacher_config is not None:
+        for key in ("dataset", "teacher.model", "teacher.width"):
+            ours, theirs = _get(config, key), _get(teacher_config, key)
+            if ours != theirs:
+                raise ValueError(f"teacher config: {key}={theirs!r} differs from {ours!r}")
     for variant in variants:  # every variant's config, before hours of training
         build_plan(variant_config(config, variant, config.teacher.checkpoint))
     root = os.path.abspath(root)
     os.makedirs(root, exist_ok=True)
     teacher_checkpoint, teacher = "", None
     if any(VARIANTS[v][0] or VARIANTS[v][1] for v in variants):
-        teacher_checkpoint, teacher = _shared_teacher(config, root)
+        teacher_checkpoint, teacher = _shared_teacher(teacher_config or config, root)
     paper = is_paper_setting(config)
     rows = []
     for variant in variants:
@@ -190,6 +202,12 @@ def run_ablation(
     with open(os.path.join(root, "ablation.json"), "w") as f:
         json.dump(result, f, indent=2)
     return rows
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = config[part]
+    return config
 
 
 def _load_summary(workdir: str) -> dict[str, Any] | None:

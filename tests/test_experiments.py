@@ -7,7 +7,9 @@ import json
 import os
 
 import ablation  # experiments/ is on pytest's pythonpath (pyproject.toml)
+import paper_study
 import pytest
+import study_report
 import summarize
 
 from idsnn_jax import datasets
@@ -88,42 +90,23 @@ def _tiny_config():
     return config
 
 
-@pytest.fixture
-def compilation_cache(tmp_path_factory):
-    """A persistent XLA cache for this test only: the four variants compile the same student
-    init and eval step, and two of them each train step, so the cache halves the test time.
-    JAX sets its cache up once per process, hence the resets."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    keys = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    saved = {k: jax.config.values[k] for k in keys}
-    cc.reset_cache()
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            jax.config.update(k, v)
-        cc.reset_cache()
-
-
 @pytest.mark.skipif(
     not os.path.isdir(FASHION_MNIST_DIR),
     reason=f"no Fashion-MNIST IDX files in {FASHION_MNIST_DIR}",
 )
-def test_ablation_shares_one_teacher(tmp_path, compilation_cache):
+def test_study_shares_one_teacher_per_seed(tmp_path):
+    """paper_study end to end: the ablation with one shared teacher (trained with its own
+    overrides), a convergence run loading it, the report from the runs' own records.
+
+    No persistent compilation cache here: with it, XLA:CPU (jaxlib 0.10.2) aborted the
+    process now and then while loading cached executables (twice in this test's
+    predecessor, in evaluation, under pytest-xdist)."""
     config = _tiny_config()
-    root = tmp_path / "ablation"
+    root = tmp_path / "study"
+    paper_study.run_study(config, str(root), [0], ["teacher.num_epochs=2"], [(1, 1)])
+    sroot = root / "seed_0"
 
-    rows = ablation.run_ablation(config, str(root))
-
+    rows = json.loads((sroot / "ablation.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["baseline", "init_only", "kd_only", "idsnn"]
     assert [(r["init_from_teacher"], r["distill"]) for r in rows] == [
         (False, False),
@@ -131,37 +114,43 @@ def test_ablation_shares_one_teacher(tmp_path, compilation_cache):
         (False, True),
         (True, True),
     ]
-    # The teacher was trained once, in teacher_run; no variant trained its own.
-    # Checkpoints: <workdir>/<stage>/<epoch>/state.
-    stage_dirs = {p.parent.parent.relative_to(root).as_posix() for p in root.glob("*/*/*/state")}
-    assert stage_dirs == {"teacher_run/teacher", *(f"{v}/student" for v in ablation.VARIANTS)}
-    teacher_stages = [r["stage"] for r in summarize.summarize([str(root / "teacher_run")])]
-    assert teacher_stages == ["teacher"]
-    for variant in ablation.VARIANTS:
-        summary = json.loads((root / variant / "summary.json").read_text())
+    # The teacher was trained once, in teacher_run, with its overrides; no variant trained
+    # its own. Checkpoints: <workdir>/<stage>/<epoch>/state.
+    stage_dirs = {p.parent.parent.relative_to(sroot).as_posix() for p in sroot.glob("*/*/*/state")}
+    runs = [*ablation.VARIANTS, "idsnn_lr1_e1"]
+    assert stage_dirs == {"teacher_run/teacher", *(f"{v}/student" for v in runs)}
+    teacher = summarize.summarize([str(sroot / "teacher_run")])
+    assert [(r["stage"], r["epochs"]) for r in teacher] == [("teacher", 2)]
+    for run in runs:
+        summary = json.loads((sroot / run / "summary.json").read_text())
         assert "baseline_best_accuracy" not in summary  # compare_baseline forced off
         assert summary["student_epochs"] == 1
-        if variant == "baseline":
+        if run == "baseline":
             assert "teacher_best_accuracy" not in summary  # no teacher at all
         else:
             assert summary["teacher_best_accuracy"] is None  # loaded, not trained
-
-    result = json.loads((root / "ablation.json").read_text())
-    assert len(result["rows"]) == 4
-    assert result["teacher_checkpoint"] == str(root / "teacher_run" / "teacher")
-    assert result["teacher"]["epochs"] == 1
-    for row in result["rows"]:
+    schedule_config = json.loads((sroot / "idsnn_lr1_e1" / "config.json").read_text())
+    assert schedule_config["optimizer"]["lr_interval"] == 1
+    for row in rows:
         assert 0.0 <= row["last_accuracy"] <= row["best_accuracy"] <= 1.0
         assert row["epochs"] == 1 and 0 < row["train_seconds"] <= row["wall_seconds"]
         assert row["paper_accuracy"] is None  # not CIFAR-100 at T=6
     assert "init_only" in ablation.format_table(rows)
 
-    # A rerun skips every finished variant and the teacher: same rows, nothing retrained.
-    mtime = (root / "teacher_run" / "metrics.jsonl").stat().st_mtime
-    again = ablation.run_ablation(config, str(root), ["idsnn", "baseline"])
-    assert [r["variant"] for r in again] == ["idsnn", "baseline"]
-    assert again[0] == rows[3] and again[1] == rows[0]
-    assert (root / "teacher_run" / "metrics.jsonl").stat().st_mtime == mtime
+    out = tmp_path / "report"
+    paths = study_report.write_report(str(root), config, [(1, 1)], str(out))
+    assert sorted(os.path.basename(p) for p in paths) == sorted(
+        ["table3.md", "table3.json", "table4.md", "table4.json", "curves.json"]
+        + ["table3.png", "table4.png", "fig5.png"]
+    )
+    table3 = json.loads((out / "table3.json").read_text())
+    assert [r["best_per_seed"] for r in table3["rows"]] == [[r["best_accuracy"]] for r in rows]
+    assert table3["teacher_best"]["mean"] == teacher[0]["best_accuracy"]
+
+    # A rerun skips every finished run and the teacher: nothing retrained.
+    mtimes = {r: (sroot / r / "metrics.jsonl").stat().st_mtime for r in ["teacher_run", *runs]}
+    paper_study.run_study(config, str(root), [0], ["teacher.num_epochs=2"], [(1, 1)])
+    assert {r: (sroot / r / "metrics.jsonl").stat().st_mtime for r in mtimes} == mtimes
 
 
 def test_ablation_rejects_unknown_variants(tmp_path):
@@ -176,3 +165,60 @@ def test_paper_numbers_only_in_the_paper_setting():
     assert ablation.is_paper_setting(config)
     config.dataset = "cifar10"
     assert not ablation.is_paper_setting(config)
+
+
+def _curve(*accuracies):
+    return [
+        {"epoch": i + 1, "test_accuracy": a, "test_loss": 1 - a} for i, a in enumerate(accuracies)
+    ]
+
+
+def test_study_tables_by_hand():
+    seeds = {
+        1: {
+            "teacher": _curve(0.8, 0.9),
+            "baseline": _curve(0.5, 0.6, 0.55),
+            "init_only": _curve(0.6, 0.7, 0.7),
+            "kd_only": _curve(0.4, 0.5, 0.6),
+            "idsnn": _curve(0.65, 0.7, 0.75),
+            "idsnn_lr1_e2": _curve(0.62, 0.61),
+        },
+        2: {
+            "teacher": _curve(0.7, 0.7),
+            "baseline": _curve(0.3, 0.4, 0.5),
+            "init_only": _curve(0.5, 0.5, 0.5),
+            "kd_only": _curve(0.2, 0.3, 0.4),
+            "idsnn": _curve(0.5, 0.5, 0.6),
+            "idsnn_lr1_e2": _curve(0.4, 0.45),
+        },
+    }
+    t3 = study_report.table3(seeds, paper=False)
+    rows = {r["variant"]: r for r in t3["rows"]}
+    assert t3["teacher_best"]["mean"] == pytest.approx(0.8)
+    assert t3["teacher_best"]["std"] == pytest.approx(0.1 * 2**0.5)  # sample std of .9, .7
+    assert rows["idsnn"]["best_per_seed"] == [0.75, 0.6]
+    assert rows["idsnn"]["best"]["mean"] == pytest.approx(0.675)
+    assert rows["idsnn"]["last"]["mean"] == pytest.approx(0.675)
+    assert rows["idsnn"]["gain_over_baseline"]["mean"] == pytest.approx(0.125)  # .15, .1
+    assert rows["init_only"]["best_epoch_per_seed"] == [2, 1]  # the first of ties
+    assert rows["baseline"]["gain_over_baseline"] == {"mean": 0.0, "std": 0.0}
+    t4 = study_report.table4(seeds, ["idsnn_lr1_e2"], paper=False)
+    assert t4["target_per_seed"] == [0.6, 0.5]
+    reach = {r["run"]: r["reach_epoch_per_seed"] for r in t4["rows"]}
+    assert reach == {"baseline": [2, 3], "idsnn": [1, 1], "idsnn_lr1_e2": [1, None]}
+    assert "| idsnn_lr1_e2 | 2 | 53.50 ± 12.02 | 1 / - | - |" in study_report.table4_markdown(t4)
+
+
+def test_study_arguments_fail_with_the_key():
+    config = tiny.get_config()
+    out = paper_study.with_overrides(config, ["max_train_examples=None", "teacher.num_epochs=3"])
+    assert out.max_train_examples is None and out.teacher.num_epochs == 3
+    assert config.teacher.num_epochs == 1  # a copy
+    with pytest.raises(ValueError, match="teacher.nope"):
+        paper_study.with_overrides(config, ["teacher.nope=1"])
+    with pytest.raises(ValueError, match="not key=value"):
+        paper_study.with_overrides(config, ["teacher.num_epochs"])
+    assert paper_study.parse_schedules(["20:60", "10:20"]) == [(20, 60), (10, 20)]
+    for bad in ("20", "a:b", "0:5"):
+        with pytest.raises(ValueError, match="--schedules"):
+            paper_study.parse_schedules([bad])
