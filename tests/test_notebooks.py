@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import urllib.request
 
+import numpy as np
 import pytest
 
 from idsnn_jax import datasets
@@ -85,3 +86,12 @@ def test_quickstart_runs_top_to_bottom(tmp_path, monkeypatch):
     assert [(row["stage"], row["epoch"]) for row in table] == [("teacher", 1), ("student", 1)]
     assert namespace["rates"], "no firing rates in the student's metrics"
     assert all(0.0 <= rate <= 1.0 for rate in namespace["rates"].values())
+    # Section 5: a binary raster of 64 neurons over T steps for 4 images, and an energy table
+    # whose per-layer counts add up to the recorded totals.
+    spikes = namespace["layer_spikes"]
+    assert spikes.shape == (2, 4, 64) and set(np.unique(spikes)) <= {0.0, 1.0}
+    student = namespace["last_student"]
+    for kind in ("sops", "macs"):
+        layers = sum(student[f"{kind}/{layer}"] for layer in namespace["layers"])
+        assert layers == pytest.approx(student[f"test_{kind}"], rel=1e-6)
+    assert student["test_sops"] > 0 and namespace["last_teacher"]["test_macs"] > 0
