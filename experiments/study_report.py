@@ -25,6 +25,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from idsnn_jax.logs import epochs_by_stage, read_records  # noqa: E402
 
@@ -53,7 +54,7 @@ def _wall(workdir: str) -> float | None:
 
 def collect(root: str, runs: list[str]) -> dict[int, dict[str, Any]]:
     """seed -> {'teacher': curve, '<run>': curve, 'wall': {run: seconds}} for every
-    `<root>/seed_<s>` that has all of `runs` (an unfinished seed is left out)."""
+    `<root>/seed_<s>` whose `runs` have all finished (written `summary.json`)."""
     seeds = {}
     for name in sorted(os.listdir(root)):
         match = re.fullmatch(r"seed_(\d+)", name)
@@ -61,9 +62,9 @@ def collect(root: str, runs: list[str]) -> dict[int, dict[str, Any]]:
             continue
         sroot = os.path.join(root, name)
         teacher_dir = os.path.join(sroot, ablation.TEACHER_DIR)
+        if any(_wall(os.path.join(sroot, run)) is None for run in runs):
+            continue  # a run without summary.json has not finished
         curves = {run: _curve(os.path.join(sroot, run), "student") for run in runs}
-        if not all(curves.values()):
-            continue
         seeds[int(match.group(1))] = {
             "teacher": _curve(teacher_dir, "teacher"),
             **curves,
@@ -130,6 +131,7 @@ def table4(seeds: dict[int, dict[str, Any]], schedules: list[str], paper: bool) 
                 "epochs": len(next(iter(seeds.values()))[run]),
                 "best": mean_std([_best(s[run])[0] for s in seeds.values()]),
                 "reach_epoch_per_seed": reach,
+                "accuracy_per_epoch": _mean_curve(seeds, run, "test_accuracy")[1],
                 "paper": PAPER_TABLE4.get(run) if paper else None,
             }
         )
@@ -178,6 +180,7 @@ def table4_markdown(t: dict[str, Any]) -> str:
         "run",
         "epochs",
         "best top-1",
+        "top-1 per epoch (mean)",
         "epoch reaching the baseline's best, per seed",
         "paper",
     ]
@@ -186,6 +189,7 @@ def table4_markdown(t: dict[str, Any]) -> str:
             r["run"],
             str(r["epochs"]),
             _pm(r["best"]),
+            " / ".join(f"{100 * v:.2f}" for v in r["accuracy_per_epoch"]),
             " / ".join("-" if e is None else str(e) for e in r["reach_epoch_per_seed"]),
             r["paper"] or "-",
         ]
@@ -228,6 +232,7 @@ def _plot_runs(ax, seeds, runs: list[str], key: str, scale: float = 1.0) -> None
             alpha=0.2,
         )
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
 
 
