@@ -17,6 +17,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0
     config.batch_size = 64  # global, over all devices
     config.eval_batch_size = 512  # divides evenly over 1, 2, 4, 8, ... devices
+    # The training split is cut into data_shards contiguous shards, each permuted on its own;
+    # every global batch takes batch_size / data_shards examples from each. Of P processes,
+    # each loads and holds only its data_shards / P shards. A multiple of P dividing
+    # batch_size; 0: one shard per process (config.json records the count used). A run on P
+    # processes equals one on 1 process with data_shards=P (README "Many processes, many
+    # hosts"); 1 is the order of runs before shards existed.
+    config.data_shards = 0
     config.max_train_examples = ml_collections.config_dict.placeholder(int)  # None: all
     config.max_test_examples = ml_collections.config_dict.placeholder(int)
     # Compute dtype: "auto" is bfloat16 on GPU/TPU and float32 on CPU; parameters, BatchNorm

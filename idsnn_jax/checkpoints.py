@@ -11,7 +11,9 @@ Orbax writes each checkpoint into a temporary directory and renames it when comp
 an interrupted save never replaces the latest good checkpoint. Saves are asynchronous
 (training goes on while they are written); `close()` waits for them. Restores go against
 an abstract target placed on the current devices, so a checkpoint written on N devices
-loads on M.
+loads on M. With several processes every one of them calls each save and restore (orbax
+coordinates them; the workdir must be on a filesystem all hosts share), and the train state
+is restored straight onto the mesh that spans them.
 """
 
 from __future__ import annotations
@@ -119,8 +121,10 @@ def load_variables(path: str) -> dict[str, Any]:
     """`{'params', 'batch_stats'}` of a saved model, as host NumPy arrays.
 
     `path` is a stage directory written by this package (its best epoch is used) or one
-    epoch's directory. Works whatever the number of devices the checkpoint was written on:
-    the arrays are restored onto this process's first device, not the saved sharding.
+    epoch's directory. Works whatever the number of devices and processes the checkpoint was
+    written on: the arrays are restored onto this process's first device, not the saved
+    sharding. With several processes every one calls it, and each gets the whole arrays
+    (`steps.replicate` then places them on the mesh).
     """
     directory, step = locate(os.path.abspath(path))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

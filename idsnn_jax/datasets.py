@@ -30,6 +30,7 @@ import dataclasses
 import gzip
 import os
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 
@@ -37,6 +38,7 @@ from idsnn_jax import cifar
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 SPLITS = ("train", "test")
+Rows = Callable[[int], slice]  # a split's length -> the contiguous rows kept of it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,13 +172,16 @@ def _tfds_source(name: str, split: str, data_dir: str | None, looked: list[str])
         return None
 
 
-def _read_tfds(name: str, source, max_examples: int | None) -> Split:
-    """Reads the first `max_examples` (all if None) items of a TFDS data source into a Split."""
+def _read_tfds(name: str, source, max_examples: int | None, rows: Rows) -> Split:
+    """Reads the `rows` of the first `max_examples` (all if None) items of a TFDS data source
+    into a Split; no other item is read."""
     n = len(source) if max_examples is None else min(len(source), max_examples)
-    examples = [source[i] for i in range(n)]  # One at a time: the TFDS mock lacks __getitems__.
-    images = np.stack([np.asarray(ex["image"], np.uint8) for ex in examples])
-    labels = np.asarray([ex["label"] for ex in examples], np.int32)
+    # One at a time: the TFDS mock lacks __getitems__.
+    examples = [source[i] for i in range(n)[rows(n)]]
     expected = dataset_info(name).image_shape
+    images = [np.asarray(ex["image"], np.uint8) for ex in examples]
+    images = np.stack(images) if images else np.zeros((0, *expected), np.uint8)  # an empty part
+    labels = np.asarray([ex["label"] for ex in examples], np.int32)
     if images.shape[1:] != expected:
         raise ValueError(f"TFDS {name!r} images are {images.shape[1:]}, expected {expected}.")
     return Split(images, labels)
@@ -191,19 +196,27 @@ _HOW_TO_GET = {
 
 
 def load_split(
-    name: str, split: str, data_dir: str | None = None, *, max_examples: int | None = None
+    name: str,
+    split: str,
+    data_dir: str | None = None,
+    *,
+    max_examples: int | None = None,
+    rows: Rows | None = None,
 ) -> Split:
-    """Loads a whole split into host memory: images uint8 (N, H, W, C), labels int32 (N,).
+    """Loads a split into host memory: images uint8 (N, H, W, C), labels int32 (N,).
 
     Looks in order at the official CIFAR archives in `data_dir`, the Fashion-MNIST IDX files in
     `data_dir` (default `DEFAULT_FASHION_MNIST_DIR`), then a prepared TFDS dataset in
-    `data_dir` (TFDS default when None). `max_examples` keeps the first that many examples.
+    `data_dir` (TFDS default when None). `max_examples` keeps the first that many examples;
+    of these, `rows(n)` (default: all) picks the contiguous rows this process keeps (its shard,
+    `input_pipeline.train_rows`): only they stay in memory, and from TFDS only they are read.
     """
     info = dataset_info(name)
     if split not in SPLITS:
         raise ValueError(f"Unknown split={split!r}; known: {SPLITS}.")
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples={max_examples} must be >= 1 or None.")
+    rows = rows or (lambda n: slice(0, n))
     looked: list[str] = []
     offline = None
     if name == "fashion_mnist":
@@ -214,10 +227,12 @@ def load_split(
         arrays = cifar.load_cifar(name, split, data_dir, looked, num_classes=info.num_classes)
         offline = None if arrays is None else Split(*arrays)
     if offline is not None:
-        return Split(offline.images[:max_examples], offline.labels[:max_examples])
+        n = len(offline) if max_examples is None else min(len(offline), max_examples)
+        keep = rows(n)  # copied, so the arrays of the whole file can be freed
+        return Split(offline.images[keep].copy(), offline.labels[keep].copy())
     source = _tfds_source(name, split, data_dir, looked)
     if source is not None:
-        return _read_tfds(name, source, max_examples)
+        return _read_tfds(name, source, max_examples, rows)
     raise FileNotFoundError(  # One line: the CLI prints it as its whole error message.
         f"No {info.name} {split} data found; looked at: {', '.join(looked)}. To get it: "
         f"{_HOW_TO_GET[name]}; or prepare it with TFDS: `tfds build {name} "

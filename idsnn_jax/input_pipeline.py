@@ -1,11 +1,12 @@
 """Batch order, evaluation batches and device-side augmentation.
 
-The datasets come from `idsnn_jax.datasets` as a `Split` of host NumPy arrays. Training batches
-never cross the host: the whole uint8 training split lives on the devices (CIFAR train: 150
-MB), `epoch_indices` draws each epoch's order there from `(seed, epoch)` (resuming at an
-epoch replays it), and the train loop gathers each batch inside the jitted step.
-Augmentation (zero-pad, random crop, flip) and normalization run there too, per example,
-from a JAX key. Evaluation batches are padded on the host (`eval_batches`).
+The datasets come from `idsnn_jax.datasets` as a `Split` of host NumPy arrays, each process
+holding its shards only (`train_rows`, `test_rows`). Training batches never cross the host:
+a process's uint8 training shards live on its devices (CIFAR train, one process: 150 MB),
+`epoch_indices` draws each epoch's order there from `(seed, epoch)` (resuming at an epoch
+replays it), and the train loop gathers each batch inside the jitted step. Augmentation
+(zero-pad, random crop, flip) and normalization run there too, per example, from a JAX key.
+Evaluation batches are padded on the host (`eval_batches`).
 """
 
 from __future__ import annotations
@@ -29,15 +30,33 @@ def num_train_steps(num_examples: int, global_batch_size: int) -> int:
     return num_examples // global_batch_size
 
 
-def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
+def _local_batch_size(global_batch_size: int, process_count: int) -> int:
     if global_batch_size < 1 or global_batch_size % process_count:
         raise ValueError(
             f"global_batch_size={global_batch_size} must be a positive multiple of "
             f"process_count={process_count}."
         )
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
     return global_batch_size // process_count
+
+
+def train_rows(
+    num_examples: int, *, num_shards: int, process_index: int, process_count: int
+) -> slice:
+    """The rows of a training split of `num_examples` that process p of P holds.
+
+    The split is cut into `num_shards` (S, a multiple of P) contiguous shards of
+    n = num_examples // S examples (the remainder is dropped); process p holds shards
+    p*S/P .. (p+1)*S/P - 1, so one process with one shard holds the whole split.
+    """
+    held = num_examples // num_shards * (num_shards // process_count)
+    return slice(process_index * held, (process_index + 1) * held)
+
+
+def test_rows(num_examples: int, *, process_index: int, process_count: int) -> slice:
+    """The rows of an evaluation split of `num_examples` that process p of P holds: its
+    contiguous part of ceil(N / P) examples (the last parts shorter, or empty)."""
+    part = -(-num_examples // process_count)
+    return slice(process_index * part, min((process_index + 1) * part, num_examples))
 
 
 def epoch_indices(
@@ -46,44 +65,67 @@ def epoch_indices(
     *,
     seed: int,
     epoch: int,
+    num_shards: int = 1,
+    process_count: int = 1,
     steps_multiple: int = 1,
     sharding: jax.sharding.Sharding | None = None,
 ) -> jax.Array:
-    """The example indices of one epoch's full global batches: int32 (steps, B), on device.
+    """The example rows of one epoch's full global batches: int32 (steps, B), on device.
 
-    A permutation drawn on the device from `(seed, epoch)` (threefry: the same on every
-    backend and device count), so a resumed epoch is identical and no index crosses the host.
-    The last partial global batch is dropped; rows of zeros pad the steps to a multiple of
+    The `num_examples` examples are `num_shards` (S) contiguous shards of n = N // S
+    (`train_rows`). Shard s is permuted on the device with `fold_in(key, s)`, key =
+    `fold_in(PRNGKey(seed), epoch)` (one shard: with key itself, the order of every run before
+    shards existed); global batch i is, for s = 0 .. S-1 in turn, entries i*B/S .. (i+1)*B/S
+    of shard s's permutation. Threefry draws the same on every backend and device count, so a
+    resumed epoch is identical and no index crosses the host. Steps: n // (B/S); the rest of
+    each shard is dropped.
+
+    An entry is the example's row in the data of the process that holds its shard (process p
+    of `process_count` holds shards p*S/P .. (p+1)*S/P - 1): its shard's place there times n,
+    plus its place in the shard. Devices are ordered by process, so each process's slice of
+    a global batch lies in its own shards. Rows of zeros pad the steps to a multiple of
     `steps_multiple` (for loops of that many steps; `num_train_steps` counts the real ones).
     `sharding` places the result (e.g. each device's slice of every batch: `P(None, 'batch')`).
     """
-    steps = num_train_steps(num_examples, global_batch_size)
+    if num_shards < 1 or global_batch_size % num_shards or num_shards % process_count:
+        raise ValueError(
+            f"num_shards={num_shards} must be a multiple of process_count={process_count} "
+            f"that divides global_batch_size={global_batch_size}."
+        )
+    size, per_shard = num_examples // num_shards, global_batch_size // num_shards
+    steps = num_train_steps(size * num_shards, global_batch_size)
     if steps < 1:
-        raise ValueError(f"global_batch_size={global_batch_size} > {num_examples} examples.")
+        raise ValueError(f"global_batch_size={global_batch_size} > {size * num_shards} examples.")
 
     def draw():
         key = jax.random.fold_in(jax.random.PRNGKey(seed), epoch)
-        order = jax.random.permutation(key, num_examples)
-        order = order[: steps * global_batch_size].astype(jnp.int32)
-        order = order.reshape(steps, global_batch_size)
+        shards = jnp.arange(num_shards)
+        fold = jax.vmap(lambda s: jax.random.fold_in(key, s))
+        keys = key[None] if num_shards == 1 else fold(shards)  # one shard: key, as before shards
+        order = jax.vmap(lambda k: jax.random.permutation(k, size))(keys)  # (S, n)
+        order = order[:, : steps * per_shard].reshape(num_shards, steps, per_shard)
+        order += (shards % (num_shards // process_count) * size)[:, None, None]
+        order = order.transpose(1, 0, 2).reshape(steps, global_batch_size).astype(jnp.int32)
         return jnp.pad(order, ((0, -steps % steps_multiple), (0, 0)))
 
     return jax.jit(draw, out_shardings=sharding)()
 
 
 def eval_batches(
-    split: Split, *, global_batch_size: int, process_index: int = 0, process_count: int = 1
+    split: Split, *, global_batch_size: int, total: int | None = None, process_count: int = 1
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Yields every example once, in order, as full batches with 'mask' float32 (B,).
+    """Yields this process's part of every global evaluation batch: B / P examples, in order,
+    with 'mask' float32, 1 for real examples and 0 for the zero padding at the end.
 
-    The last global batch is zero-padded; 'mask' is 1 for real examples and 0 for padding.
-    Process p gets its contiguous slice of each global batch.
+    `split` is this process's part (`test_rows`) of a split of `total` examples (default:
+    `split` is all of it). Every process yields ceil(ceil(total / P) / (B / P)) batches, so
+    the processes' i-th batches together form global batch i and each example counts once.
     """
-    local = _local_batch_size(global_batch_size, process_index, process_count)
-    n = len(split)
-    for start in range(0, n, global_batch_size):
-        idx = start + process_index * local + np.arange(local)
-        real = idx < n
+    local = _local_batch_size(global_batch_size, process_count)
+    total = len(split) if total is None else total
+    for start in range(0, -(-total // process_count), local):
+        idx = start + np.arange(local)
+        real = idx < len(split)
         image = np.zeros((local, *split.images.shape[1:]), np.uint8)
         label = np.zeros((local,), np.int32)
         image[real] = split.images[idx[real]]

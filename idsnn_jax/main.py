@@ -9,6 +9,10 @@ checkpoint, a workdir of another run) ends the run before any work with one line
 and step); `--traceback` shows the whole stack instead. SIGTERM or SIGINT stops the run at
 the next safe point (`faults`), after its pending checkpoint save, with one line saying how
 to resume and exit status 128 + the signal's number (143, 130).
+
+Several processes (hosts, or GPUs of one host) run the same command, each with
+`--coordinator_address=HOST:PORT --num_processes=P --process_id=p`, or under `srun` / `mpirun`
+with none of them (`idsnn_jax.distributed`); only process 0 prints and writes files.
 """
 
 import sys
@@ -23,18 +27,31 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and l
 _TRACEBACK = flags.DEFINE_bool(
     "traceback", False, "On bad input, raise with the whole stack instead of printing one line."
 )
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0, for a run on several processes."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 .. P - 1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from idsnn_jax import faults, pipeline  # after flags parsing, so --help is fast
+    import jax  # after flags parsing, so --help is fast
+
+    from idsnn_jax import distributed, faults, pipeline
 
     logging.set_verbosity(logging.WARNING)  # orbax and JAX are chatty at INFO
-    print(f"config:\n{_CONFIG.value}", flush=True)
     faults.install_stop_handlers()
     try:
+        distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
+        if jax.process_index() == 0:
+            print(f"config:\n{_CONFIG.value}", flush=True)
         pipeline.run(_CONFIG.value, _WORKDIR.value)
     except faults.Preempted as stop:
         print(stop, file=sys.stderr, flush=True)

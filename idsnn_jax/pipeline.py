@@ -16,15 +16,19 @@ lower the learning rate (`RESUME_AFTER_DIVERGENCE`).
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import time
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
-from idsnn_jax import faults, steps, torch_import, train
+from idsnn_jax import faults, input_pipeline, steps, torch_import, train
 from idsnn_jax.checkpoints import has_checkpoint, load_variables, locate, saved_shapes
 from idsnn_jax.datasets import load_split
 from idsnn_jax.logs import MetricLogger, logger, setup_logging
@@ -151,9 +155,16 @@ RESUME_AFTER_DIVERGENCE = frozenset({"optimizer.learning_rate"})
 DIVERGED_FILE = "diverged.txt"
 
 
+# Keys newer than some workdirs' config.json, with the value the runs of those had.
+ADDED_KEYS = {"data_shards": 1}
+
+
 def config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """`config` as the JSON-able nested dict `<workdir>/config.json` holds (tuples as lists)."""
-    return json.loads(config.to_json_best_effort())
+    """`config` as the JSON-able nested dict `<workdir>/config.json` holds (tuples as lists),
+    `data_shards=0` as the process count: the data order, which a resume must keep."""
+    record = json.loads(config.to_json_best_effort())
+    record["data_shards"] = record["data_shards"] or jax.process_count()
+    return record
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -176,7 +187,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
         logger.warning("%s has checkpoints but no %s to check them against", workdir, CONFIG_FILE)
         return
     with open(path) as f:
-        old = flatten(json.load(f))
+        old = ADDED_KEYS | flatten(json.load(f))
     new = flatten(config_record(config))
     absent = "<absent>"
     diverged = os.path.isfile(os.path.join(workdir, DIVERGED_FILE))
@@ -258,29 +269,55 @@ def create_context(
     config: ml_collections.ConfigDict, workdir: str
 ) -> tuple[train.RunContext, RunPlan]:
     """Builds and checks everything `config` describes (`plan.build_plan`), the workdir
-    (`check_workdir`) and a given teacher checkpoint, loads both splits, then writes
-    `<workdir>/config.json` and sets up the mesh and the metric writer."""
+    (`check_workdir`) and a given teacher checkpoint, loads this process's shards of both
+    splits, then writes `<workdir>/config.json` and sets up the mesh and the metric writer.
+    Every process calls it; only process 0 logs progress and writes files."""
     setup_logging()
+    if jax.process_index():
+        logger.setLevel(logging.WARNING)
     plan = build_plan(config)
     check_workdir(config, workdir)
     if plan.needs_teacher and config.teacher.checkpoint:
         check_teacher_checkpoint(config, plan)
+    processes = jax.process_count()
+    shards = config.data_shards or processes
+    where = {"process_index": jax.process_index(), "process_count": processes}
+    rows = {
+        "train": functools.partial(input_pipeline.train_rows, num_shards=shards, **where),
+        "test": functools.partial(input_pipeline.test_rows, **where),
+    }
     train_split, test_split = (
         load_split(
-            config.dataset, split, config.data_dir, max_examples=config[f"max_{split}_examples"]
+            config.dataset,
+            split,
+            config.data_dir,
+            max_examples=config[f"max_{split}_examples"],
+            rows=rows[split],
         )
         for split in ("train", "test")
     )
+    # A collective, so also a barrier: every process has checked the workdir before process 0
+    # rewrites its config.json (and removes a DIVERGED_FILE).
+    test_size = int(np.sum(multihost_utils.process_allgather(np.int32(len(test_split)))))
     logger.info(
-        "%s: %d train / %d test examples on %d device(s)",
+        "%s: %d train (%d shard(s)) / %d test examples on %d device(s), %d process(es)",
         config.dataset,
-        len(train_split),
-        len(test_split),
+        len(train_split) * processes,
+        shards,
+        test_size,
         jax.device_count(),
+        processes,
     )
     _write_config(config, workdir)
     ctx = train.RunContext(
-        workdir, train_split, test_split, plan.info, steps.create_mesh(), MetricLogger(workdir)
+        workdir,
+        train_split,
+        test_split,
+        plan.info,
+        steps.create_mesh(),
+        MetricLogger(workdir),
+        data_shards=shards,
+        test_size=test_size,
     )
     return ctx, plan
 

@@ -5,8 +5,8 @@
 student is initialized from the teacher, the transfer plan. Each builder owns its checks;
 a ValueError raised by one names its argument (`surrogate='nope' is unknown ...`) and is
 re-raised naming the config key it came from (`config.student.neuron.surrogate='nope'`).
-The few rules no builder owns (roles of the two models, device counts, paths) are
-checked here. So a bad student setting fails in a second, not after 200 teacher epochs.
+The few rules no builder owns (roles of the two models, device counts, data shards,
+paths) are checked here. So a bad student setting fails in a second, not after 200 teacher epochs.
 """
 
 from __future__ import annotations
@@ -170,6 +170,14 @@ def _check_rules(config: ml_collections.ConfigDict, needs_teacher: bool) -> None
     check(config, "max_train_examples", ok, "None or an integer >= batch_size")
     ok = n_test is None or (steps.is_int(n_test) and n_test >= 1)
     check(config, "max_test_examples", ok, "None or an integer >= 1")
+    processes = jax.process_count()
+    shards = config.data_shards or processes  # 0: one shard per process
+    ok = steps.is_int(shards) and shards > 0 and shards % processes == 0
+    ok = ok and config.batch_size % shards == 0
+    expected = (
+        f"0 (one per process) or a multiple of the {processes} process(es) dividing batch_size"
+    )
+    check(config, "data_shards", ok, expected)
     check(config, "teacher.model", not is_spiking(config.teacher.model), "an ANN (resnet*)")
     ok = is_spiking(config.student.model)
     check(config, "student.model", ok, "a spiking model (spiking_* or sew_*)")

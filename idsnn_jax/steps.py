@@ -2,9 +2,10 @@
 
 The steps are written per device, pmap-style, with explicit collectives over the mesh
 axis `batch`, and run with `jax.shard_map` over a 1-D mesh of all devices (what
-`jax.pmap` itself is built on now). Gradients, metrics and BatchNorm statistics are
-averaged over devices, so N devices match one device with the same global batch.
-Everything a step needs arrives as arguments; the epoch loop lives in `train.py`.
+`jax.pmap` itself is built on now), of all processes when a run spans several
+(`idsnn_jax.distributed`). Gradients, metrics and BatchNorm statistics are averaged over
+devices, so N devices match one device with the same global batch. Everything a step needs
+arrives as arguments; the epoch loop lives in `train.py`.
 
 `shard_map` runs with `check_vma=False`: with it on, the gradient of a per-device loss
 with respect to replicated parameters comes back already summed over devices, and the
@@ -13,6 +14,7 @@ explicit `pmean` would then scale it by N.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -111,8 +113,15 @@ def create_optimizer(
 
 
 def create_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-    """1-D mesh over `devices` (default: all), axis `batch`, Auto axis type."""
+    """1-D mesh over `devices` (default: all, of every process), axis `batch`, Auto axis type.
+
+    ValueError unless the devices come process by process, the same number from each: each
+    process's slice of a global batch is then one contiguous block (its data shards).
+    """
     devices = jax.devices() if devices is None else devices
+    owners = [d.process_index for d in devices]
+    if owners != sorted(owners) or len(set(collections.Counter(owners).values())) > 1:
+        raise ValueError(f"every process must bring as many devices, in order; got {owners}")
     return Mesh(np.asarray(devices), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
@@ -263,12 +272,13 @@ def make_train_loop(train_step: TrainStep) -> TrainLoop:
     """Per-device loop of up to k train steps `(state, data, indices, valid, teacher_variables)
     -> (state, metrics)`, one host dispatch for k steps.
 
-    `data` holds the whole training split on this device ('image' uint8 (N, H, W, C), 'label'
-    int (N,)); `indices` int32 (k, b) are the examples of this device's slice of each of the
-    k global batches, gathered here; `valid` bool (k,) skips the padding steps of an epoch's
-    last call (their metrics are zeros). Metrics come back per step, each (k,). With k = 1
-    the step runs without a loop around it: XLA:CPU runs a train step inside a while loop
-    about 20x slower (measured: Spiking ResNet18 width 0.25, T=1, batch 16: 0.90 s vs 0.044 s).
+    `data` holds this process's training shards on this device ('image' uint8 (L, H, W, C),
+    'label' int (L,), `device_data`); `indices` int32 (k, b) are the rows there of this
+    device's slice of each of the k global batches, gathered here; `valid` bool (k,) skips
+    the padding steps of an epoch's last call (their metrics are zeros). Metrics come back per
+    step, each (k,). With k = 1 the step runs without a loop around it: XLA:CPU runs a train
+    step inside a while loop about 20x slower (measured: Spiking ResNet18 width 0.25, T=1,
+    batch 16: 0.90 s vs 0.044 s).
     """
 
     def gather(data: Batch, idx: jax.Array) -> Batch:
@@ -290,9 +300,9 @@ def make_train_loop(train_step: TrainStep) -> TrainLoop:
 
 
 def compile_train_loop(mesh: Mesh, train_loop: TrainLoop) -> TrainLoop:
-    """The train loop over `mesh`: indices split on `batch` (axis 1), data, state and teacher
-    replicated; the state is donated."""
-    return shard(train_loop, mesh, (P(), P(), P(None, AXIS), P(), P()), donate=(0,))
+    """The train loop over `mesh`: indices split on `batch` (axis 1), data one block per
+    device (`device_data`), state and teacher replicated; the state is donated."""
+    return shard(train_loop, mesh, (P(), P(AXIS), P(None, AXIS), P(), P()), donate=(0,))
 
 
 def compile_eval_step(mesh: Mesh, eval_step: Callable) -> Callable:
@@ -301,14 +311,22 @@ def compile_eval_step(mesh: Mesh, eval_step: Callable) -> Callable:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Places a host or device pytree fully replicated on `mesh`."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    """Places a pytree of host arrays, or of arrays on this process's devices, fully replicated
+    on `mesh`, which may span processes (each process passes the same values)."""
+    sharding = NamedSharding(mesh, P())
+    place = lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x))
+    return jax.tree.map(place, tree)
 
 
 def device_data(images: np.ndarray, labels: np.ndarray, mesh: Mesh) -> Batch:
-    """A whole split on every device of `mesh`: 'image' (N, H, W, C) as stored (uint8),
-    'label' int32 (N,). Every process passes the same arrays."""
-    return replicate({"image": images, "label": labels.astype(np.int32)}, mesh)
+    """This process's training rows on each of its devices: 'image' (L, H, W, C) as stored
+    (uint8), 'label' int32 (L,), as global arrays of mesh.size * L rows split over `batch`, so
+    device d's block is the data of d's process (what `compile_train_loop` expects)."""
+    sharding = NamedSharding(mesh, P(AXIS))
+    place = lambda x: jax.make_array_from_callback(
+        (mesh.size * len(x), *x.shape[1:]), sharding, lambda _: x
+    )
+    return {"image": place(images), "label": place(labels.astype(np.int32))}
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> Batch:

@@ -1,7 +1,7 @@
 """The loop layer: train one model (teacher or student) for some epochs, resumably.
 
-`fit` runs the epoch loop over the jitted steps of `steps.py`: the training split placed
-on the devices once, each epoch's order drawn there, `steps_per_call` steps per host
+`fit` runs the epoch loop over the jitted steps of `steps.py`: each process's training shards
+placed on its devices once, each epoch's order drawn there, `steps_per_call` steps per host
 dispatch, evaluation on the whole test split after every epoch, a NaN guard, metric
 records, one checkpoint per saved epoch, and safe points where SIGTERM/SIGINT stop it
 (`faults.point`). It reads a small frozen `FitOptions`, never the config:
@@ -81,14 +81,22 @@ class FitOptions:
 
 @dataclasses.dataclass(frozen=True)
 class RunContext:
-    """What every stage of a run shares: data, devices and outputs."""
+    """What every stage of a run shares: data, devices and outputs. With several processes,
+    each holds its own splits: its training shards and its part of the test split."""
 
     workdir: str
-    train_split: Split
-    test_split: Split
+    train_split: Split  # this process's `data_shards / process_count` training shards
+    test_split: Split  # this process's part (`input_pipeline.test_rows`)
     info: DatasetInfo
     mesh: Mesh
     writer: MetricLogger
+    data_shards: int = 1  # the training split's shards, in all processes together
+    test_size: int | None = None  # the whole test split's; None: test_split is all of it
+
+    @property
+    def train_size(self) -> int:
+        """The examples of all training shards (every process holds as many)."""
+        return len(self.train_split) * jax.process_count()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +144,7 @@ def fit(
     diverges (before that epoch is saved), and `faults.Preempted` at a safe point after
     SIGTERM/SIGINT; either way a pending checkpoint save is finished first.
     """
-    steps_per_epoch = input_pipeline.num_train_steps(len(ctx.train_split), options.batch_size)
+    steps_per_epoch = input_pipeline.num_train_steps(ctx.train_size, options.batch_size)
     tx, schedule = steps.create_optimizer(options.optimizer, steps_per_epoch, options.num_epochs)
     state = steps.create_train_state(variables, tx, stage_seed(options.seed, stage))
     state = steps.replicate(state, ctx.mesh)
@@ -169,7 +177,9 @@ def fit(
                 ctx, stage, epoch, options, train_fn, state, data, teacher_variables, saved
             )
             record["lr"] = float(schedule(epoch * steps_per_epoch))
-            test = evaluate(eval_fn, state, ctx.test_split, options.eval_batch_size, ctx.mesh)
+            test = evaluate(
+                eval_fn, state, ctx.test_split, options.eval_batch_size, ctx.mesh, ctx.test_size
+            )
             if not math.isfinite(test["loss"]):  # a last step that broke the weights
                 raise FloatingPointError(
                     f"[{stage}] test loss is {test['loss']} after epoch {epoch + 1}; lower "
@@ -226,15 +236,19 @@ def _should_save(history: list[dict[str, float]], options: FitOptions) -> bool:
 
 
 def evaluate(
-    eval_fn: Callable, state: steps.TrainState, split: Split, batch_size: int, mesh: Mesh
+    eval_fn: Callable,
+    state: steps.TrainState,
+    split: Split,
+    batch_size: int,
+    mesh: Mesh,
+    total: int | None = None,
 ) -> dict[str, float]:
-    """Top-1 accuracy, mean loss and mean firing rates over every example of `split`."""
+    """Top-1 accuracy, mean loss and mean firing rates over every example of a split of
+    `total` examples, of which this process holds `split` (default: all of it); the sums of
+    all processes are combined in the eval step."""
     totals: dict[str, jax.Array] = {}
     batches = input_pipeline.eval_batches(
-        split,
-        global_batch_size=batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        split, global_batch_size=batch_size, total=total, process_count=jax.process_count()
     )
     for batch in batches:
         sums = eval_fn(state, steps.shard_batch(batch, mesh))
@@ -297,13 +311,15 @@ def _epoch_calls(
     """The epoch's (indices (k, B) on device, valid (k,)) per dispatch, k = steps_per_call
     (or fewer, for a short epoch); the last call is padded with invalid steps, so every call
     has one shape and the loop compiles once."""
-    num_steps = input_pipeline.num_train_steps(len(ctx.train_split), options.batch_size)
+    num_steps = input_pipeline.num_train_steps(ctx.train_size, options.batch_size)
     k = min(options.steps_per_call, num_steps)
     indices = input_pipeline.epoch_indices(
-        len(ctx.train_split),
+        ctx.train_size,
         options.batch_size,
         seed=options.seed,
         epoch=epoch,
+        num_shards=ctx.data_shards,
+        process_count=jax.process_count(),
         steps_multiple=k,
         sharding=NamedSharding(ctx.mesh, P(None, steps.AXIS)),
     )

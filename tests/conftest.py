@@ -172,9 +172,13 @@ class _LogLines(logging.Handler):
 @pytest.fixture
 def log_lines():
     """The messages of the package's logger (`idsnn_jax`) during the test, as a list
-    (`clear()` it to look at what follows only)."""
+    (`clear()` it to look at what follows only). INFO and up: with this handler attached,
+    `setup_logging` leaves the level alone, and a test run alone would see warnings only."""
     handler = _LogLines()
     logger = logging.getLogger("idsnn_jax")
+    level = logger.level
+    logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     yield handler.lines
     logger.removeHandler(handler)
+    logger.setLevel(level)

@@ -60,23 +60,34 @@ def test_batching_argument_errors():
     split = _split(10)
     with pytest.raises(ValueError, match="12 > 10 examples"):
         ip.epoch_indices(10, 12, seed=0, epoch=0)
+    with pytest.raises(ValueError, match="num_shards=3 must be a multiple of process_count=1"):
+        ip.epoch_indices(10, 4, seed=0, epoch=0, num_shards=3)
     with pytest.raises(ValueError, match="multiple of process_count=3"):
         next(ip.eval_batches(split, global_batch_size=4, process_count=3))
-    with pytest.raises(ValueError, match="process_index=2"):
-        next(ip.eval_batches(split, global_batch_size=4, process_index=2, process_count=2))
 
 
-@pytest.mark.parametrize("process_count", [1, 2])
+@pytest.mark.parametrize("process_count", [1, 2, 4])
 def test_eval_batches_cover_every_example_once(process_count):
+    """Each process holds its part (`test_rows`); all yield as many batches, and together
+    they count every example once."""
     split = _split(11)
-    batches = [
-        b
-        for p in range(process_count)
-        for b in ip.eval_batches(
-            split, global_batch_size=4, process_index=p, process_count=process_count
-        )
+    parts = [
+        ip.test_rows(11, process_index=p, process_count=process_count) for p in range(process_count)
     ]
-    assert len(batches) == 3 * process_count  # ceil(11 / 4) global batches
+    assert [i for rows in parts for i in range(11)[rows]] == list(range(11))
+    per_process = [
+        list(
+            ip.eval_batches(
+                datasets.Split(split.images[rows], split.labels[rows]),
+                global_batch_size=4,
+                total=11,
+                process_count=process_count,
+            )
+        )
+        for rows in parts
+    ]
+    assert len({len(b) for b in per_process}) == 1  # every process runs each eval step
+    batches = [b for bs in per_process for b in bs]
     for b in batches:
         assert b["image"].shape == (4 // process_count, 4, 4, 3) and b["mask"].dtype == np.float32
     image, label, mask = (
@@ -93,12 +104,16 @@ def test_eval_batches_order_and_padding_positions():
     batches = list(ip.eval_batches(split, global_batch_size=4))
     assert [b["label"].tolist() for b in batches] == [[0, 1, 2, 3], [4, 0, 0, 0]]
     assert [b["mask"].tolist() for b in batches] == [[1, 1, 1, 1], [1, 0, 0, 0]]
-    kwargs = dict(global_batch_size=4, process_count=2)
-    parts = [list(ip.eval_batches(split, **kwargs, process_index=p)) for p in range(2)]
-    for step, batch in enumerate(batches):
-        for key in ("image", "label", "mask"):
-            local = [parts[p][step][key] for p in range(2)]
-            np.testing.assert_array_equal(np.concatenate(local), batch[key])
+    # Two processes: parts [0, 3) and [3, 5), two examples each per batch, padded at the end.
+    labels, masks = [], []
+    for p in range(2):
+        rows = ip.test_rows(5, process_index=p, process_count=2)
+        part = datasets.Split(split.images[rows], split.labels[rows])
+        local = list(ip.eval_batches(part, global_batch_size=4, total=5, process_count=2))
+        labels.append([b["label"].tolist() for b in local])
+        masks.append([b["mask"].tolist() for b in local])
+    assert labels == [[[0, 1], [2, 0]], [[3, 4], [0, 0]]]
+    assert masks == [[[1, 1], [1, 0]], [[1, 1], [0, 0]]]
 
 
 # --- Device-side augmentation ------------------------------------------------------------------

@@ -42,3 +42,34 @@ def test_steps_per_call_reaches_the_fit_options():
     config.steps_per_call = 0
     with pytest.raises(ValueError, match=r"^config\.steps_per_call=0 is invalid"):
         plan.build_plan(config)
+
+
+@pytest.mark.parametrize(
+    "processes, shards, ok",
+    [
+        (1, 0, True),
+        (1, 1, True),
+        (1, 2, True),
+        (1, 16, True),
+        (1, 3, False),  # does not divide batch_size=16
+        (1, 32, False),
+        (1, -1, False),
+        (2, 0, True),  # one per process
+        (2, 4, True),
+        (2, 1, False),  # not a multiple of the processes
+        (2, 6, False),
+    ],
+)
+def test_data_shards_rule(monkeypatch, processes, shards, ok):
+    monkeypatch.setattr(jax, "process_count", lambda: processes)
+    config = tiny.get_config()
+    config.data_shards = shards
+    if ok:
+        plan.build_plan(config)
+        return
+    with pytest.raises(ValueError) as err:
+        plan.build_plan(config)
+    message = str(err.value)
+    assert message.startswith(f"config.data_shards={shards!r} is invalid: expected 0 (one per")
+    assert f"multiple of the {processes} process(es) dividing batch_size" in message
+    assert "\n" not in message

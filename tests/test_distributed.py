@@ -1,0 +1,235 @@
+"""Many processes: when the CLI starts JAX's distributed runtime, the sharded data order
+against a NumPy construction of its rule (and each process gathering it from its own shards),
+what a workdir records of it, and the CLI run as 2 processes on 127.0.0.1 (gloo collectives on
+CPU) against 1 process with the same 2 shards: same parameters, same records."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from idsnn_jax import checkpoints, distributed, faults, pipeline
+from idsnn_jax import input_pipeline as ip
+from idsnn_jax.configs import tiny
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING = {"time", "epoch_seconds", "images_per_sec"}
+
+# --- When to start the distributed runtime ------------------------------------------------------
+
+
+def test_initialize_args_from_flags_and_launchers():
+    assert distributed.initialize_args({}) is None
+    # A Slurm batch script (no srun step) runs one process, whatever SLURM_NTASKS says.
+    assert distributed.initialize_args({"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}) is None
+    assert distributed.initialize_args({"SLURM_STEP_NUM_TASKS": "1"}) is None
+    assert distributed.initialize_args({"SLURM_STEP_NUM_TASKS": "4"}) == {}
+    assert distributed.initialize_args({"OMPI_COMM_WORLD_SIZE": "1"}) is None
+    assert distributed.initialize_args({"OMPI_COMM_WORLD_SIZE": "2"}) == {}
+    flags = {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 0}
+    assert distributed.initialize_args({}, **flags) == flags
+    # Flags given are passed alone: JAX looks up the others in the cluster environment.
+    srun = {"SLURM_STEP_NUM_TASKS": "8"}
+    assert distributed.initialize_args(srun, process_id=3) == {"process_id": 3}
+
+
+def test_initialize_calls_jax_only_when_asked(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    for key in distributed.LAUNCHER_TASKS:
+        monkeypatch.delenv(key, raising=False)
+    distributed.initialize(coordinator_address=None, num_processes=None, process_id=None)
+    assert calls == []
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    distributed.initialize()
+    assert calls == [{}]
+
+
+# --- The sharded epoch order ----------------------------------------------------------------------
+
+
+def _rule(num_examples: int, batch: int, seed: int, epoch: int, shards: int) -> np.ndarray:
+    """Global example ids (steps, B) of the README's rule, in NumPy from each shard's
+    permutation: batch i is, shard by shard, entries i*B/S .. (i+1)*B/S of shard s
+    (examples s*n .. (s+1)*n - 1) permuted with fold_in(key, s) (one shard: key)."""
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), epoch)
+    n, per = num_examples // shards, batch // shards
+    perms = [
+        np.asarray(jax.random.permutation(key if shards == 1 else jax.random.fold_in(key, s), n))
+        for s in range(shards)
+    ]
+    rows = [
+        np.concatenate([s * n + perms[s][i * per : (i + 1) * per] for s in range(shards)])
+        for i in range(n // per)
+    ]
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize(
+    "num_examples, batch, shards, processes",
+    [(50, 12, 1, 1), (50, 12, 2, 1), (50, 12, 2, 2), (103, 16, 4, 2), (103, 16, 4, 4)],
+)
+def test_each_process_gathers_the_rule_from_its_own_shards(num_examples, batch, shards, processes):
+    """Process p holds `train_rows` of the split (ids 0 .. N-1 here) and gets `epoch_indices`
+    rows into them; its slice of every global batch gathers exactly the rule's examples."""
+    expected = _rule(num_examples, batch, seed=3, epoch=2, shards=shards)
+    split = np.arange(num_examples)
+    width = batch // processes
+    for p in range(processes):
+        held = split[
+            ip.train_rows(num_examples, num_shards=shards, process_index=p, process_count=processes)
+        ]
+        assert len(held) == num_examples // shards * shards // processes
+        rows = ip.epoch_indices(
+            num_examples, batch, seed=3, epoch=2, num_shards=shards, process_count=processes
+        )
+        cols = slice(p * width, (p + 1) * width)
+        np.testing.assert_array_equal(held[np.asarray(rows)[:, cols]], expected[:, cols])
+
+
+def test_one_shard_is_the_order_before_shards():
+    """data_shards=1 keeps every earlier run's order: one permutation of the whole split."""
+    key = jax.random.fold_in(jax.random.PRNGKey(0), 5)
+    before = np.asarray(jax.random.permutation(key, 50))[:48].reshape(4, 12)
+    np.testing.assert_array_equal(ip.epoch_indices(50, 12, seed=0, epoch=5), before)
+    np.testing.assert_array_equal(_rule(50, 12, 0, 5, shards=1), before)
+
+
+def test_sharded_order_placed_on_devices_keeps_its_values():
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("batch",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "batch"))
+    kwargs = dict(seed=1, epoch=0, num_shards=4)
+    placed = ip.epoch_indices(64, 16, sharding=sharding, **kwargs)
+    np.testing.assert_array_equal(placed, ip.epoch_indices(64, 16, **kwargs))
+
+
+# --- What the workdir records ---------------------------------------------------------------------
+
+
+def _started(workdir, record: dict) -> None:
+    """A workdir with a saved teacher epoch (placeholder) and `record` as its config.json."""
+    os.makedirs(workdir / "teacher" / "1" / "state")
+    (workdir / pipeline.CONFIG_FILE).write_text(json.dumps(record))
+
+
+def test_workdir_records_the_shard_count(tmp_path, monkeypatch):
+    """data_shards=0 is recorded as the process count, so resuming a 2-process run on 1
+    process (another order) is refused unless data_shards=2 is given; a workdir from before
+    data_shards existed had 1 shard."""
+    config = tiny.get_config()
+    assert config.data_shards == 0 and pipeline.config_record(config)["data_shards"] == 1
+    with monkeypatch.context() as m:
+        m.setattr(jax, "process_count", lambda: 2)
+        _started(tmp_path / "two", pipeline.config_record(config))
+    with pytest.raises(ValueError, match=r"refusing to resume it: data_shards: 2 -> 1\. Use"):
+        pipeline.check_workdir(config, str(tmp_path / "two"))
+    config.data_shards = 2
+    pipeline.check_workdir(config, str(tmp_path / "two"))
+
+    old = pipeline.config_record(config)
+    del old["data_shards"]
+    _started(tmp_path / "old", old)
+    with pytest.raises(ValueError, match=r"data_shards: 1 -> 2\. Use"):
+        pipeline.check_workdir(config, str(tmp_path / "old"))
+    config.data_shards = 0
+    pipeline.check_workdir(config, str(tmp_path / "old"))
+
+
+# --- Two processes through the CLI ----------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(workdir, data_dir, devices: int, log, *flags: str) -> subprocess.Popen:
+    """The CLI on the tiny config (1 + 1 epochs of 3 steps, no operation counts) with
+    `devices` CPU devices; stdout and stderr go to `log`.out / `log`.err."""
+    cmd = [sys.executable, "-m", "idsnn_jax.main", "--config=configs/tiny.py"]
+    cmd += [f"--workdir={workdir}", f"--config.data_dir={data_dir}", "--config.energy=", *flags]
+    env = {k: v for k, v in os.environ.items() if k != faults.ENV}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err)
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
+    """Exit statuses; once one fails or time runs out the others are killed (a process of a
+    distributed run whose peer died would wait for it)."""
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        if any(p.returncode not in (None, 0) for p in procs):
+            break
+        time.sleep(0.5)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    return [p.returncode for p in procs]
+
+
+def _records(workdir) -> list[dict]:
+    with open(workdir / "metrics.jsonl") as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
+
+
+def test_two_processes_equal_one_process_with_two_shards(data_fashion_mnist_dir, tmp_path):
+    """Teacher and distilled student, 1 epoch each (48 training images, global batch 16), as
+    2 processes of 1 device each and, at the same time, as 1 process of 2 devices with
+    data_shards=2: the same parameters, bit for bit (each all-reduce adds the same two
+    values), and the same records (test accuracy exactly; losses up to float rounding, as the
+    test split is batched per process). Only process 0 prints and writes files."""
+    port = _free_port()
+    two, one = tmp_path / "two", tmp_path / "one"
+    procs = [
+        _start(
+            two,
+            data_fashion_mnist_dir,
+            1,
+            tmp_path / f"process{p}",
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={p}",
+        )
+        for p in range(2)
+    ]
+    procs.append(
+        _start(one, data_fashion_mnist_dir, 2, tmp_path / "single", "--config.data_shards=2")
+    )
+    codes = _wait_all(procs, timeout=400)
+    logs = {
+        name: (tmp_path / f"{name}.out").read_text() + (tmp_path / f"{name}.err").read_text()
+        for name in ("process0", "process1", "single")
+    }
+    assert codes == [0, 0, 0], {name: log[-3000:] for name, log in logs.items()}
+
+    assert "2 process(es)" in logs["process0"] and "summary:" in logs["process0"]
+    assert "config:" not in logs["process1"] and "summary:" not in logs["process1"]
+    assert json.loads((two / "config.json").read_text())["data_shards"] == 2
+    assert (two / "config.json").read_text() == (one / "config.json").read_text()
+    assert (two / "summary.json").is_file() and (two / "student_transfer_report.txt").is_file()
+
+    records = [_records(two), _records(one)]
+    assert [[(r["stage"], r["epoch"]) for r in rs] for rs in records] == [
+        [("teacher", 1), ("student", 1)]
+    ] * 2  # once each: process 1 wrote none
+    for got, want in zip(*records, strict=True):
+        exact = ("stage", "epoch", "test_accuracy", "train_accuracy")
+        assert {k: got.pop(k) for k in exact} == {k: want.pop(k) for k in exact}
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-7)
+
+    chex.assert_trees_all_equal(
+        checkpoints.load_variables(str(two / "student")),
+        checkpoints.load_variables(str(one / "student")),
+    )
