@@ -6,7 +6,9 @@ Narrow ResNet34 teacher -> narrow Spiking ResNet18 (T=4) on a 10k-image training
 plus a baseline SNN (no init, no KD) trained with the same budget for contrast.
 Data: Debian's `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist) or TFDS.
 Measured (`bash run.sh demo`, 2-core CPU, seed 0, full test set, 2026-11-26): teacher 79.02,
-student (init + KD) 76.56, baseline SNN 75.48; about 14 minutes in all.
+student (init + KD) 76.56, baseline SNN 75.48; about 14 minutes in all. The paper's
+ablation and convergence study at this scale, 3 seeds, with a stronger teacher:
+experiments/results/fashion_mnist/ (experiments/paper_study.py).
 """
 
 from idsnn_jax.configs import default
