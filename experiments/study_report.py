@@ -62,13 +62,14 @@ def collect(root: str, runs: list[str]) -> dict[int, dict[str, Any]]:
             continue
         sroot = os.path.join(root, name)
         teacher_dir = os.path.join(sroot, ablation.TEACHER_DIR)
-        if any(_wall(os.path.join(sroot, run)) is None for run in runs):
+        wall = {r: _wall(os.path.join(sroot, r)) for r in [*runs, ablation.TEACHER_DIR]}
+        if any(wall[run] is None for run in runs):
             continue  # a run without summary.json has not finished
         curves = {run: _curve(os.path.join(sroot, run), "student") for run in runs}
         seeds[int(match.group(1))] = {
             "teacher": _curve(teacher_dir, "teacher"),
             **curves,
-            "wall": {r: _wall(os.path.join(sroot, r)) for r in [*runs, ablation.TEACHER_DIR]},
+            "wall": wall,
         }
     return dict(sorted(seeds.items()))
 

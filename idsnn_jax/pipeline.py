@@ -32,7 +32,7 @@ from idsnn_jax import faults, input_pipeline, steps, torch_import, train
 from idsnn_jax.checkpoints import has_checkpoint, load_variables, locate, saved_shapes
 from idsnn_jax.datasets import load_split
 from idsnn_jax.logs import MetricLogger, logger, setup_logging
-from idsnn_jax.plan import RunPlan, build_plan, flatten
+from idsnn_jax.plan import RunPlan, build_plan, data_shards, flatten
 from idsnn_jax.transfer import init_snn_from_ann
 
 
@@ -163,7 +163,7 @@ def config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """`config` as the JSON-able nested dict `<workdir>/config.json` holds (tuples as lists),
     `data_shards=0` as the process count: the data order, which a resume must keep."""
     record = json.loads(config.to_json_best_effort())
-    record["data_shards"] = record["data_shards"] or jax.process_count()
+    record["data_shards"] = data_shards(config)
     return record
 
 
@@ -280,7 +280,7 @@ def create_context(
     if plan.needs_teacher and config.teacher.checkpoint:
         check_teacher_checkpoint(config, plan)
     processes = jax.process_count()
-    shards = config.data_shards or processes
+    shards = data_shards(config)
     where = {"process_index": jax.process_index(), "process_count": processes}
     rows = {
         "train": functools.partial(input_pipeline.train_rows, num_shards=shards, **where),

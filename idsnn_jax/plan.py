@@ -53,6 +53,11 @@ def get(config: ml_collections.ConfigDict, key: str) -> Any:
     return value
 
 
+def data_shards(config: ml_collections.ConfigDict) -> int:
+    """The training split's shard count: `config.data_shards`, 0 meaning one per process."""
+    return config.data_shards or jax.process_count()
+
+
 def check(config: ml_collections.ConfigDict, key: str, ok: bool, expected: str) -> None:
     """Raises ValueError naming the dotted `key` unless `ok`."""
     if not ok:
@@ -171,7 +176,7 @@ def _check_rules(config: ml_collections.ConfigDict, needs_teacher: bool) -> None
     ok = n_test is None or (steps.is_int(n_test) and n_test >= 1)
     check(config, "max_test_examples", ok, "None or an integer >= 1")
     processes = jax.process_count()
-    shards = config.data_shards or processes  # 0: one shard per process
+    shards = data_shards(config)
     ok = steps.is_int(shards) and shards > 0 and shards % processes == 0
     ok = ok and config.batch_size % shards == 0
     expected = (
