@@ -119,3 +119,124 @@ def synaptic_events(x: np.ndarray, k: int, stride: int, pad: int, out_channels: 
                     if 0 <= r < h and 0 <= c < w:
                         events += x[:, r, c, :].sum(axis=1)
     return events * out_channels
+
+
+# --- Augmentations (idsnn_jax/augment.py) ---
+# Geometry in float64. Pixel arithmetic in float32, deliberately: the ops are defined as float32
+# then rounded half to even, and x * 0.1 at x = 15 is a tie in exact arithmetic, so only the same
+# precision rounds every pixel the same way.
+
+
+def cutout(image: np.ndarray, cy: int, cx: int, size: int) -> np.ndarray:
+    """DeVries & Taylor's rule on image (H, W, C): zero rows max(cy - size // 2, 0) ..
+    min(cy + size // 2, H) - 1 and the same columns around cx."""
+    out = np.array(image)
+    h, w = image.shape[:2]
+    for y in range(h):
+        for x in range(w):
+            if cy - size // 2 <= y < cy + size // 2 and cx - size // 2 <= x < cx + size // 2:
+                out[y, x] = 0
+    return out
+
+
+def _sample_nearest(image: np.ndarray, source) -> np.ndarray:
+    """out[y, x] = image[round(sy), round(sx)] (half to even) for (sy, sx) = source(y, x),
+    0 outside the image."""
+    h, w = image.shape[:2]
+    out = np.zeros_like(image)
+    for y in range(h):
+        for x in range(w):
+            sy, sx = (int(np.round(v)) for v in source(y, x))
+            if 0 <= sy < h and 0 <= sx < w:
+                out[y, x] = image[sy, sx]
+    return out
+
+
+def rotate(image: np.ndarray, degrees: float) -> np.ndarray:
+    """Rotation about ((H - 1) / 2, (W - 1) / 2), counter-clockwise as displayed (row 0 on top,
+    so a point right of the center moves up): output samples the input rotated back."""
+    cy, cx = (image.shape[0] - 1) / 2, (image.shape[1] - 1) / 2
+    t = np.deg2rad(degrees)
+    return _sample_nearest(
+        image,
+        lambda y, x: (
+            cy + np.cos(t) * (y - cy) + np.sin(t) * (x - cx),
+            cx - np.sin(t) * (y - cy) + np.cos(t) * (x - cx),
+        ),
+    )
+
+
+def shear_x(image: np.ndarray, s: float) -> np.ndarray:
+    """Output (y, x) samples input (y, x + s (y - cy)): rows slide by s per row from the center."""
+    cy = (image.shape[0] - 1) / 2
+    return _sample_nearest(image, lambda y, x: (y, x + s * (y - cy)))
+
+
+def shear_y(image: np.ndarray, s: float) -> np.ndarray:
+    """Output (y, x) samples input (y + s (x - cx), x)."""
+    cx = (image.shape[1] - 1) / 2
+    return _sample_nearest(image, lambda y, x: (y + s * (x - cx), x))
+
+
+def translate(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Content moves down by dy and right by dx pixels; the uncovered border is 0."""
+    h, w = image.shape[:2]
+    out = np.zeros_like(image)
+    for y in range(h):
+        for x in range(w):
+            if 0 <= y - dy < h and 0 <= x - dx < w:
+                out[y, x] = image[y - dy, x - dx]
+    return out
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def brightness(image: np.ndarray, factor) -> np.ndarray:
+    return _to_uint8(image.astype(np.float32) * np.float32(factor))
+
+
+def contrast(image: np.ndarray, factor) -> np.ndarray:
+    """Blend with the mean grey level: mean + factor (x - mean); grey 0.299 R + 0.587 G +
+    0.114 B for RGB, the image itself for one channel."""
+    x = image.astype(np.float32)
+    if x.shape[-1] == 1:
+        grey = x[..., 0]
+    else:
+        grey = 0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]
+    mean = np.float32(grey.astype(np.float64).mean())
+    return _to_uint8(mean + np.float32(factor) * (x - mean))
+
+
+def solarize(image: np.ndarray, threshold: int) -> np.ndarray:
+    return np.where(image >= threshold, 255 - image, image).astype(np.uint8)
+
+
+def posterize(image: np.ndarray, bits: int) -> np.ndarray:
+    """Keeps the top `bits` bits of each uint8 pixel."""
+    return (image // 2 ** (8 - bits) * 2 ** (8 - bits)).astype(np.uint8)
+
+
+def trivial_augment_op(image: np.ndarray, name: str, m: float) -> np.ndarray:
+    """The op `name` at magnitude m in [0, 1] on a uint8 image (H, W, C): signed parameters are
+    (2 m - 1) * max (rotate 30 degrees, shear 0.3, translate 0.3 of the side, brightness and
+    contrast factor 1 + that with max 0.9), solarize threshold round(256 (1 - m)), posterize
+    8 - floor(4 m) bits."""
+    m32 = np.float32(m)
+    signed = float(2 * m - 1)
+    factor = np.float32(1) + (np.float32(2) * m32 - np.float32(1)) * np.float32(0.9)
+    h, w = image.shape[:2]
+    ops = {
+        "identity": lambda: image.copy(),
+        "rotate": lambda: rotate(image, signed * 30),
+        "shear_x": lambda: shear_x(image, signed * 0.3),
+        "shear_y": lambda: shear_y(image, signed * 0.3),
+        "translate_x": lambda: translate(image, 0, int(np.round(signed * 0.3 * w))),
+        "translate_y": lambda: translate(image, int(np.round(signed * 0.3 * h)), 0),
+        "brightness": lambda: brightness(image, factor),
+        "contrast": lambda: contrast(image, factor),
+        "solarize": lambda: solarize(image, int(np.round(np.float32(256) * (1 - m32)))),
+        "posterize": lambda: posterize(image, 8 - int(np.floor(4 * m))),
+    }
+    return ops[name]()
