@@ -6,10 +6,21 @@ Parameter trees of every ResNet here share one path layout (``stem/conv``, ``ste
 module reads that layout and maps paths: target block j of stage s takes source block
 ``block_map(s, j, d, n)``; stem is copied; head and shortcuts only on request. Shapes are
 ``transfer.py``'s business.
+
+Within a block, each target leaf takes the source leaf of the same name, except where the two
+blocks differ in type (a block with a ``conv3`` is a bottleneck, any other a basic block):
+``BLOCK_RENAMES`` is the one place that says, per (source type, target type), which source
+module a target module takes, or that it has none. Today it has one entry: a bottleneck source
+block (1x1 conv1, 3x3 conv2 carrying the stride, 1x1 conv3) into a basic target block (3x3
+conv1 carrying the stride, 3x3 conv2) gives conv1/bn1 the source's conv2/bn2 and keeps the
+target's conv2/bn2 with the reason in ``NO_COUNTERPART``. Basic -> bottleneck keeps the
+name-for-name rule: its 1x1 conv1 (3x3 in the source) and its conv3/bn3 (absent there) are
+errors under ``strict``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import re
 from collections.abc import Callable, Container, Mapping
@@ -22,6 +33,20 @@ BlockMap = str | Callable[[int, int, int, int], int]
 _STAGE = re.compile(r"stage(\d+)")
 _BLOCK = re.compile(r"block(\d+)")
 _STEM_KERNEL = "stem/conv/kernel"
+
+# (source block type, target block type) -> {target module: source module, or None when the
+# source block has no counterpart (the target keeps its value)}. Modules not listed, shortcuts
+# included, take the module of the same name; pairs not listed (basic -> basic, bottleneck ->
+# bottleneck, basic -> bottleneck) are name for name throughout.
+BLOCK_RENAMES: dict[tuple[str, str], dict[str, str | None]] = {
+    ("bottleneck", "basic"): {"conv1": "conv2", "bn1": "bn2", "conv2": None, "bn2": None},
+}
+# Why a module without counterpart keeps the target's value: (source type, target type) -> reason.
+NO_COUNTERPART: dict[tuple[str, str], str] = {
+    ("bottleneck", "basic"): (
+        "basic conv2/bn2: a bottleneck source block has one 3x3 conv (mapped to conv1)"
+    ),
+}
 
 
 def flatten(tree: Any) -> tuple[list[str], list[Any], Any]:
@@ -97,11 +122,34 @@ def _chooser(block_map: BlockMap) -> Callable[[int, int, int, int], int]:
     )
 
 
+def block_types(paths: list[str], kind: str) -> dict[tuple[int, int], str]:
+    """(stage, block) -> "bottleneck" (the block has a ``conv3``) or "basic"."""
+    types: dict[tuple[int, int], str] = {}
+    for path in paths:
+        rest = split_path(path, kind)[1]
+        if len(rest) > 2 and _STAGE.fullmatch(rest[0]) and _BLOCK.fullmatch(rest[1]):
+            key = (int(rest[0][5:]), int(rest[1][5:]))
+            types.setdefault(key, "basic")
+            if rest[2] == "conv3":
+                types[key] = "bottleneck"
+    return types
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSource:
+    """Where one target block comes from: the source block's index and the types of both."""
+
+    index: int
+    src_type: str
+    dst_type: str
+
+
 def block_table(
     src_paths: list[str], dst_paths: list[str], kind: str, block_map: BlockMap
-) -> dict[tuple[int, int], int]:
-    """(stage, target block) -> source block, for every target block, by ``block_map``."""
+) -> dict[tuple[int, int], BlockSource]:
+    """(stage, target block) -> its source block (by ``block_map``) and both block types."""
     src_blocks = _block_counts(src_paths, kind, "source")
+    src_types, dst_types = block_types(src_paths, kind), block_types(dst_paths, kind)
     choose, table = _chooser(block_map), {}
     for s, n in _block_counts(dst_paths, kind, "target").items():
         if s not in src_blocks:
@@ -114,14 +162,14 @@ def block_table(
                     f"block_map returned {m!r} for target stage{s}/block{j}; source stage{s} "
                     f"has d={d} blocks, so it must be an int in [0, {d})"
                 )
-            table[(s, j)] = int(m)
+            table[(s, j)] = BlockSource(int(m), src_types[(s, int(m))], dst_types[(s, j)])
     return table
 
 
 def source_path(
     path: str,
     kind: str,
-    block_of: Mapping[tuple[int, int], int],
+    block_of: Mapping[tuple[int, int], BlockSource],
     src_paths: Container[str],
     copy_shortcut: bool,
     copy_head: bool,
@@ -129,7 +177,8 @@ def source_path(
     """IDSNN's rule for one target path: ``(source path, None)``, or ``(None, why it is kept)``.
 
     The source path is where the value should come from; whether that leaf exists and its
-    shape fits is checked afterwards (``_entry``).
+    shape fits is checked afterwards (``_entry``). Inside a block the module name goes through
+    ``BLOCK_RENAMES`` for the pair of block types (same name where it has no entry).
     """
     coll, rest = split_path(path, kind)
     if rest[0] == "stem":
@@ -138,8 +187,12 @@ def source_path(
         return (path, None) if copy_head else (None, "head (copy_head=False)")
     if not (len(rest) > 2 and _STAGE.fullmatch(rest[0]) and _BLOCK.fullmatch(rest[1])):
         return None, "no mapping rule for this path"
-    j_src = block_of[(int(rest[0][5:]), int(rest[1][5:]))]
-    src_path = "/".join([coll + rest[0], f"block{j_src}", *rest[2:]])
+    block = block_of[(int(rest[0][5:]), int(rest[1][5:]))]
+    pair = (block.src_type, block.dst_type)
+    module = BLOCK_RENAMES.get(pair, {}).get(rest[2], rest[2])
+    if module is None:
+        return None, NO_COUNTERPART[pair]
+    src_path = "/".join([coll + rest[0], f"block{block.index}", module, *rest[3:]])
     if rest[2].startswith("shortcut"):
         if not copy_shortcut:
             return None, "shortcut projection (copy_shortcut=False)"

@@ -8,6 +8,13 @@ scratch. The rule, reproduced here, is a walk over the *target* tree's paths:
   blocks in that stage (``block_map="first"``, the reference); ``"uniform"`` spreads the n target
   blocks over the whole source stage (``j * (d - 1) / (n - 1)`` rounded half up), and a callable
   ``(stage, j, d, n) -> int`` may choose anything else;
+* within a block each leaf takes the source leaf of the same name (conv1 <- conv1, bn2 <- bn2,
+  ...), except from a bottleneck source block (it has a ``conv3``) into a basic target block:
+  there target conv1/bn1 take the source's conv2/bn2 (its one 3x3 conv, which carries the
+  stride as basic conv1 does) and target conv2/bn2 have no counterpart, so they keep the
+  target's values and the report says why. The renaming lives in one table,
+  ``resnet_paths.BLOCK_RENAMES``; basic -> bottleneck stays name for name (its 1x1 conv1 and
+  its conv3/bn3 cannot be mapped, an error under ``strict``);
 * channels are mapped cyclically, which truncates a wider source and tiles a narrower one:
   ``dst[..., i, o] = src[..., i % I, o % O]`` for kernels (HWIO, both channel axes) and
   ``v[c] = src[c % C]`` for BN scale, bias and running mean/var (collection ``batch_stats``);
@@ -246,7 +253,8 @@ def init_snn_from_ann(
         ``jit``: there, call ``transfer_report`` outside for the same report).
 
     Leaves kept at the target's value (returned as the very same arrays): shortcut
-    projections and head unless asked for, paths outside the ResNet layout, and with
+    projections and head unless asked for, conv2/bn2 of a basic block fed by a bottleneck
+    block (no counterpart; not an error), paths outside the ResNet layout, and with
     ``strict=False`` leaves that cannot be mapped. Nothing is modified in place; a copied
     leaf whose shape and dtype already match is the source's (immutable) array itself.
     """
