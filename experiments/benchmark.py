@@ -36,7 +36,7 @@ from benchmark_report import markdown, write_outputs  # beside this script
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from idsnn_jax import datasets, steps
+from idsnn_jax import datasets, optim, steps
 from idsnn_jax.models import create_model
 
 VARIANTS = {
@@ -162,7 +162,7 @@ def build_ours(s: Settings, g: Group, variant: str, variables: tuple, mesh) -> C
     gathered on the device, `steps_per_call` steps per dispatch) on `variables = (student,
     teacher)` and a random uint8 split of `steps_per_call` batches held on the devices."""
     model, teacher = _flax_models(s, g, variant)
-    tx, _ = steps.create_optimizer(steps.OptimizerOptions(), steps_per_epoch=1, num_epochs=1)
+    tx, _ = optim.create_optimizer(optim.OptimizerOptions(), steps_per_epoch=1, num_epochs=1)
     step = steps.make_train_step(model, tx, _info(s.num_classes, s.image), teacher=teacher)
     train_fn = steps.compile_train_loop(mesh, steps.make_train_loop(step))
     state = steps.replicate(steps.create_train_state(variables[0], tx, 0), mesh)

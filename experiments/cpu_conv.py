@@ -44,7 +44,7 @@ import numpy as np
 from absl import app, flags
 from jax.sharding import PartitionSpec as P
 
-from idsnn_jax import datasets, neuron, steps
+from idsnn_jax import datasets, neuron, optim, steps
 from idsnn_jax.models import create_model
 
 resnet = importlib.import_module("idsnn_jax.models.resnet")
@@ -269,7 +269,7 @@ def build_step(info: datasets.DatasetInfo) -> dict:
         bn_axis_name=steps.AXIS,
     )
     variables = steps.init_variables(model, info, 0)
-    tx, _ = steps.create_optimizer(steps.OptimizerOptions(), steps_per_epoch=1, num_epochs=1)
+    tx, _ = optim.create_optimizer(optim.OptimizerOptions(), steps_per_epoch=1, num_epochs=1)
     mesh = steps.create_mesh(jax.devices()[:1])
     mapped = jax.shard_map(
         steps.make_train_step(model, tx, info),

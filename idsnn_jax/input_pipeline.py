@@ -5,12 +5,14 @@ holding its shards only (`train_rows`, `test_rows`). Training batches never cros
 a process's uint8 training shards live on its devices (CIFAR train, one process: 150 MB),
 `epoch_indices` draws each epoch's order there from `(seed, epoch)` (resuming at an epoch
 replays it), and the train loop gathers each batch inside the jitted step. Augmentation
-(zero-pad, random crop, flip) and normalization run there too, per example, from a JAX key.
+(zero-pad, random crop, flip; optionally the small AutoAugment-style policy and Cutout of
+`idsnn_jax.augment`) and normalization run there too, per example, from a JAX key.
 Evaluation batches are padded on the host (`eval_batches`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import jax
@@ -18,7 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from idsnn_jax.augment import auto_augment, cutout
 from idsnn_jax.datasets import DatasetInfo, Split
+
+# Streams of the per-step key beside the crop/flip draws, which fold in the example index
+# itself: each option draws from `fold_in(fold_in(rng, stream), example)`, so turning one on
+# changes no other draw (and the reference's crops and flips stay as they were).
+_STREAMS = {"auto_augment": 2**31 - 1, "cutout": 2**31 - 2}
 
 # --- Batch order and layout -----------------------------------------------------------------
 
@@ -189,20 +197,62 @@ def normalize(images: jax.Array, info: DatasetInfo, dtype=jnp.float32) -> jax.Ar
     return ((images.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class AugmentOptions:
+    """Training augmentation, per example, in this order: random crop of the image zero-padded
+    by `crop_padding` pixels and horizontal flip (the reference), then, if `auto_augment`, one
+    op of `augment.OPS` at a random magnitude, then normalization, then, if `cutout` > 0, a
+    `cutout` x `cutout` square set to 0 (the dataset mean). Invalid values raise ValueError
+    naming the field."""
+
+    crop_padding: int = 4
+    flip: bool = True
+    cutout: int = 0
+    auto_augment: bool = False
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("crop_padding", _is_count(self.crop_padding), "an integer >= 0"),
+            ("flip", isinstance(self.flip, bool), "a bool"),
+            ("cutout", _is_count(self.cutout), "an integer >= 0 (pixels; 0: off)"),
+            ("auto_augment", isinstance(self.auto_augment, bool), "a bool"),
+        )
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected {expected}")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= 0
+
+
 def preprocess(
     rng: jax.Array,
     images: jax.Array,
     info: DatasetInfo,
     *,
     train: bool,
-    crop_padding: int = 4,
-    flip: bool = True,
+    options: AugmentOptions = AugmentOptions(),
     example_offset: int | jax.Array = 0,
     dtype=jnp.float32,
 ) -> jax.Array:
-    """Train: `augment` then `normalize`; eval: `normalize` only (`rng` unused). (B,H,W,C)."""
-    if train:
-        images = augment(
-            rng, images, crop_padding=crop_padding, flip=flip, example_offset=example_offset
+    """Train: `options`' augmentation and `normalize`; eval: `normalize` only (`rng` unused).
+    (B, H, W, C) pixels -> `dtype`; `example_offset` as in `augment`."""
+    if not train:
+        return normalize(images, info, dtype)
+    stream = lambda name: jax.random.fold_in(rng, _STREAMS[name])
+    images = augment(
+        rng,
+        images,
+        crop_padding=options.crop_padding,
+        flip=options.flip,
+        example_offset=example_offset,
+    )
+    if options.auto_augment:
+        images = auto_augment(stream("auto_augment"), images, example_offset=example_offset)
+    images = normalize(images, info, dtype)
+    if options.cutout:
+        images = cutout(
+            stream("cutout"), images, size=options.cutout, example_offset=example_offset
         )
-    return normalize(images, info, dtype)
+    return images

@@ -4,9 +4,15 @@
 batch means throughout (PyTorch's `KLDivLoss(reduction="batchmean")`). The teacher's
 logits are wrapped in `stop_gradient`, so the frozen teacher never receives a gradient.
 All losses are computed in float32 whatever the logits' dtype.
+
+Beyond the reference (each off by default, `LossOptions`): label smoothing, the TET loss
+(cross-entropy of every time step's logits, Deng et al. 2022, blended with the mean-logit
+loss) and per-time-step distillation; `objective` composes them for a train step.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -32,15 +38,22 @@ def _weighted_mean(values: jax.Array, weights: jax.Array | None) -> jax.Array:
 
 
 def cross_entropy(
-    logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None
+    logits: jax.Array,
+    labels: jax.Array,
+    weights: jax.Array | None = None,
+    label_smoothing: float = 0.0,
 ) -> jax.Array:
     """Mean softmax cross-entropy of `logits (B, K)` against integer `labels (B,)`.
 
     `weights (B,)`, if given, make it a weighted mean (e.g. a padding mask in evaluation).
+    `label_smoothing` eps: the target is `(1 - eps) * one_hot + eps / K` (PyTorch's
+    `CrossEntropyLoss(label_smoothing=eps)`).
     """
     _check_labels(logits, labels)
     log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(log_p, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    if label_smoothing:
+        nll = (1 - label_smoothing) * nll - label_smoothing * jnp.mean(log_p, axis=-1)
     return _weighted_mean(nll, weights)
 
 
@@ -74,3 +87,66 @@ def idsnn_loss(
     return cross_entropy(student_logits, labels) + alpha * kd_loss(
         student_logits, teacher_logits, tau
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+    """What a train step minimizes. The defaults are the reference: CE of the time-mean
+    logits, plus `kd_alpha * kd_loss` of them against a teacher when there is one.
+
+    `label_smoothing` in [0, 1) applies to every CE term. `tet_weight` w in [0, 1]: the CE term
+    is `(1 - w) * CE(mean_t z_t) + w * mean_t CE(z_t)` (w = 1: TET). `kd_per_step`: the KD
+    term is `mean_t kd_loss(z_t, teacher)` instead of that of the mean. Invalid values raise
+    ValueError naming the field.
+    """
+
+    kd_alpha: float = 0.3
+    kd_tau: float = 4.0
+    label_smoothing: float = 0.0
+    tet_weight: float = 0.0
+    kd_per_step: bool = False
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("kd_alpha", self.kd_alpha >= 0, ">= 0"),
+            ("kd_tau", self.kd_tau > 0, "> 0"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+            ("tet_weight", 0 <= self.tet_weight <= 1, "in [0, 1]"),
+            ("kd_per_step", isinstance(self.kd_per_step, bool), "a bool"),
+        )
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected {expected}")
+
+    @property
+    def per_step(self) -> bool:
+        """Whether the loss needs every time step's logits, not only their mean."""
+        return self.tet_weight > 0 or self.kd_per_step
+
+
+def objective(
+    logits: jax.Array,
+    labels: jax.Array,
+    options: LossOptions,
+    teacher_logits: jax.Array | None = None,
+) -> jax.Array:
+    """The train loss of `options` for `logits`, `(B, K)` (the time mean) or `(T, B, K)` per
+    time step (needed when `options.per_step`), against `teacher_logits (B, K)` if given.
+
+    With the default options it is `cross_entropy`, or `idsnn_loss` with a teacher.
+    """
+    smooth = options.label_smoothing
+    per_step = logits if logits.ndim == 3 else None
+    if per_step is None and options.per_step:
+        raise ValueError(f"{options} needs per-step logits (T, B, K), got {logits.shape}")
+    mean = logits if per_step is None else jnp.mean(logits.astype(jnp.float32), axis=0)
+    loss = cross_entropy(mean, labels, label_smoothing=smooth)
+    if options.tet_weight:
+        each = jax.vmap(lambda z: cross_entropy(z, labels, label_smoothing=smooth))(per_step)
+        loss = (1 - options.tet_weight) * loss + options.tet_weight * jnp.mean(each)
+    if teacher_logits is None:
+        return loss
+    if options.kd_per_step:
+        each = jax.vmap(lambda z: kd_loss(z, teacher_logits, options.kd_tau))(per_step)
+        return loss + options.kd_alpha * jnp.mean(each)
+    return loss + options.kd_alpha * kd_loss(mean, teacher_logits, options.kd_tau)

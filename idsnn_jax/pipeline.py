@@ -156,7 +156,17 @@ DIVERGED_FILE = "diverged.txt"
 
 
 # Keys newer than some workdirs' config.json, with the value the runs of those had.
-ADDED_KEYS = {"data_shards": 1}
+ADDED_KEYS = {
+    "data_shards": 1,
+    "label_smoothing": 0.0,
+    "tet_weight": 0.0,
+    "kd_per_step": False,
+    "ema_decay": 0.0,
+    "optimizer.schedule": "step",
+    "optimizer.warmup_epochs": 0,
+    "augment.cutout": 0,
+    "augment.auto_augment": False,
+}
 
 
 def config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -341,6 +351,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             summary[f"{stage}_best_accuracy"] = result.best_accuracy
             summary[f"{stage}_last_accuracy"] = result.last_accuracy
             summary[f"{stage}_epochs"] = len(result.history)
+            if "test_ema_accuracy" in result.history[-1]:
+                ema = [r["test_ema_accuracy"] for r in result.history]
+                summary[f"{stage}_ema_best_accuracy"] = max(ema)
+                summary[f"{stage}_ema_last_accuracy"] = ema[-1]
             if "test_energy_uj" in result.history[-1]:  # per test image, at the last epoch
                 for key in ("energy_uj", "sops", "macs"):
                     summary[f"{stage}_{key}"] = result.history[-1][f"test_{key}"]

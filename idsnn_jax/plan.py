@@ -22,9 +22,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from idsnn_jax import steps
+from idsnn_jax import optim, steps
 from idsnn_jax.configs import default
 from idsnn_jax.datasets import DatasetInfo, dataset_info
+from idsnn_jax.input_pipeline import AugmentOptions
+from idsnn_jax.losses import LossOptions
 from idsnn_jax.models import create_model, is_spiking
 from idsnn_jax.train import FitOptions
 from idsnn_jax.transfer import transfer_report
@@ -112,23 +114,21 @@ def compute_dtype(name: str) -> Any:
 
 def _fit_options(config: ml_collections.ConfigDict, role: str) -> FitOptions:
     optimizer = from_config(
-        steps.OptimizerOptions,
-        config,
-        {name: f"optimizer.{name}" for name in config.optimizer},
+        optim.OptimizerOptions, config, {name: f"optimizer.{name}" for name in config.optimizer}
     )
-    keys = {
-        "num_epochs": f"{role}.num_epochs",
-        "crop_padding": "augment.crop_padding",
-        "flip": "augment.flip",
-    }
+    loss_keys = ("kd_alpha", "kd_tau", "label_smoothing", "tet_weight", "kd_per_step")
+    loss = from_config(LossOptions, config, {name: name for name in loss_keys})
+    augment = from_config(
+        AugmentOptions, config, {name: f"augment.{name}" for name in config.augment}
+    )
+    keys = {"num_epochs": f"{role}.num_epochs"}
     keys |= {
         name: name
         for name in (
             "batch_size",
             "eval_batch_size",
             "seed",
-            "kd_alpha",
-            "kd_tau",
+            "ema_decay",
             "checkpoint_keep",
             "checkpoint_every_epochs",
             "log_every_steps",
@@ -136,7 +136,7 @@ def _fit_options(config: ml_collections.ConfigDict, role: str) -> FitOptions:
             "energy",
         )
     }
-    return from_config(FitOptions, config, keys, optimizer=optimizer)
+    return from_config(FitOptions, config, keys, optimizer=optimizer, loss=loss, augment=augment)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The step layer: train state, optimizer, and data-parallel train/eval steps.
+"""The step layer: train state (with an optional EMA of the weights) and data-parallel steps.
 
 The steps are written per device, pmap-style, with explicit collectives over the mesh
 axis `batch`, and run with `jax.shard_map` over a 1-D mesh of all devices (what
@@ -15,7 +15,6 @@ explicit `pmean` would then scale it by N.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +30,8 @@ from jax.sharding import PartitionSpec as P
 
 from idsnn_jax import energy, input_pipeline
 from idsnn_jax.datasets import DatasetInfo
-from idsnn_jax.losses import cross_entropy, idsnn_loss
+from idsnn_jax.input_pipeline import AugmentOptions
+from idsnn_jax.losses import LossOptions, cross_entropy, objective
 from idsnn_jax.models import firing_rates
 
 AXIS = "batch"
@@ -49,67 +49,14 @@ class TrainState:
     batch_stats: Any
     opt_state: Any
     rng: jax.Array  # raw uint32 key, folded with the step inside the train step
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerOptions:
-    """SGD with momentum and a step schedule (the reference recipe's defaults).
-
-    `lr_interval > 0` steps the rate every `lr_interval` epochs and takes precedence over
-    the explicit `lr_milestones`. Invalid values raise ValueError naming the field.
-    """
-
-    learning_rate: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_milestones: tuple[int, ...] = (60, 120, 160)
-    lr_interval: int = 0
-    lr_gamma: float = 0.1
-
-    def __post_init__(self) -> None:
-        milestones = list(self.lr_milestones)
-        checks = (
-            ("learning_rate", self.learning_rate > 0, "> 0"),
-            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
-            ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            (
-                "lr_milestones",
-                all(is_int(m) and m > 0 for m in milestones) and milestones == sorted(milestones),
-                "increasing positive epochs",
-            ),
-            ("lr_interval", is_int(self.lr_interval) and self.lr_interval >= 0, "an int >= 0"),
-            ("lr_gamma", 0 < self.lr_gamma <= 1, "in (0, 1]"),
-        )
-        for name, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected {expected}")
-
-    def milestones(self, num_epochs: int) -> list[int]:
-        """Epochs at which the learning rate is multiplied by `lr_gamma`."""
-        if self.lr_interval:
-            return list(range(self.lr_interval, num_epochs, self.lr_interval))
-        return [int(m) for m in self.lr_milestones if 0 < int(m) < num_epochs]
+    # {'params', 'batch_stats'} averaged over the steps (`ema_update`), or None: no EMA. Last,
+    # so a state without EMA has the structure of the checkpoints made before EMA existed.
+    ema: Any = None
 
 
 def is_int(value: Any) -> bool:
     """A Python or NumPy integer, not a bool: the type every count and epoch option takes."""
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
-def create_optimizer(
-    options: OptimizerOptions, steps_per_epoch: int, num_epochs: int
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """SGD with momentum, PyTorch semantics: weight decay added to the gradient (of every
-    parameter) before momentum; learning rate stepped by `lr_gamma` at epoch milestones."""
-    schedule = optax.piecewise_constant_schedule(
-        options.learning_rate,
-        {m * steps_per_epoch: options.lr_gamma for m in options.milestones(num_epochs)},
-    )
-    tx = optax.chain(
-        optax.add_decayed_weights(options.weight_decay),
-        optax.sgd(schedule, momentum=options.momentum),
-    )
-    return tx, schedule
 
 
 def create_mesh(devices: list[jax.Device] | None = None) -> Mesh:
@@ -133,44 +80,60 @@ def init_variables(model: nn.Module, info: DatasetInfo, seed: int) -> dict[str, 
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
-def create_train_state(variables: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
-    """Fresh state from model `variables` ({'params', 'batch_stats'}).
+def create_train_state(
+    variables: Any, tx: optax.GradientTransformation, seed: int, *, ema: bool = False
+) -> TrainState:
+    """Fresh state from model `variables` ({'params', 'batch_stats'}); with `ema`, the
+    averaged copy starts as the variables themselves.
 
     The state gets its own copies: it is donated to the train step, so it must not share
     buffers with the caller's trees (leaves that `init_snn_from_ann` copied unchanged from
     the teacher would otherwise be donated and read in the same call).
     """
     params = jax.tree.map(jnp.array, variables["params"])
+    batch_stats = jax.tree.map(jnp.array, variables.get("batch_stats", {}))
+    average = {"params": params, "batch_stats": batch_stats}
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        batch_stats=jax.tree.map(jnp.array, variables.get("batch_stats", {})),
+        batch_stats=batch_stats,
         opt_state=tx.init(params),
         rng=jax.random.PRNGKey(seed),
+        ema=jax.tree.map(jnp.array, average) if ema else None,
     )
+
+
+def ema_update(ema: Any, variables: Any, step: jax.Array, decay: float) -> Any:
+    """`d * ema + (1 - d) * variables` per leaf, d = min(decay, (1 + step) / (10 + step)) with
+    `step` the updates made before this one (TensorFlow's `num_updates` rule: early on, when
+    the average would still be mostly the initial weights, it follows the weights closely)."""
+    d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return jax.tree.map(lambda e, x: d * e + (1 - d) * x, ema, variables)
 
 
 def _loss(
     model: nn.Module,
     teacher: nn.Module | None,
-    kd_alpha: float,
-    kd_tau: float,
+    options: LossOptions,
     params: Any,
     batch_stats: Any,
     images: jax.Array,
     labels: jax.Array,
     teacher_variables: Any,
 ) -> tuple[jax.Array, tuple[jax.Array, Any]]:
-    """(loss, (student logits, new batch_stats)): CE, or `idsnn_loss` against the teacher
-    run in eval mode (running BN statistics, no gradient) on the same images."""
+    """(loss, (student time-mean logits, new batch_stats)): `losses.objective` of the student,
+    against the teacher run in eval mode (running BN statistics, no gradient) on the same
+    images when there is one; per-step logits only when the options need them."""
     variables = {"params": params, "batch_stats": batch_stats}
-    logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
-    if teacher is None:
-        loss = cross_entropy(logits, labels)
-    else:
+    kwargs = {"per_step": True} if options.per_step else {}
+    logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"], **kwargs)
+    teacher_logits = None
+    if teacher is not None:
         teacher_logits = teacher.apply(teacher_variables, images, train=False)
         teacher_logits = jax.lax.stop_gradient(teacher_logits)
-        loss = idsnn_loss(logits, teacher_logits, labels, kd_alpha, kd_tau)
+    loss = objective(logits, labels, options, teacher_logits)
+    if options.per_step:
+        logits = jnp.mean(logits, axis=0)
     return loss, (logits, updates["batch_stats"])
 
 
@@ -180,23 +143,21 @@ def make_train_step(
     info: DatasetInfo,
     *,
     teacher: nn.Module | None = None,
-    kd_alpha: float = 0.3,
-    kd_tau: float = 4.0,
-    crop_padding: int = 4,
-    flip: bool = True,
+    loss: LossOptions = LossOptions(),
+    augment: AugmentOptions = AugmentOptions(),
+    ema_decay: float = 0.0,
 ) -> TrainStep:
     """Per-device train step `(state, batch, teacher_variables) -> (state, metrics)`.
 
     `batch` holds this device's uint8 images `(b, H, W, C)` and int labels `(b,)`;
-    augmentation runs here, each example's draw folded from (state.rng, step, its index in
-    the global batch): a resumed run, or the same run on another number of devices, draws
-    the same augmentations. Without a `teacher` the loss is cross-entropy; with one it is
-    `idsnn_loss` (CE + `kd_alpha * tau^2 * KL`) against the teacher, whose frozen variables
-    are `teacher_variables`. Must run inside a mapped axis named `batch`.
+    augmentation (`augment`) runs here, each example's draw folded from (state.rng, step, its
+    index in the global batch): a resumed run, or the same run on another number of devices,
+    draws the same augmentations. The loss is `losses.objective` of `loss`: cross-entropy
+    without a `teacher`, with distillation from it (frozen variables `teacher_variables`)
+    otherwise. `ema_decay` > 0 also updates `state.ema` (`ema_update`). Must run inside a
+    mapped axis named `batch`.
     """
-    grad_fn = jax.value_and_grad(
-        functools.partial(_loss, model, teacher, kd_alpha, kd_tau), has_aux=True
-    )
+    grad_fn = jax.value_and_grad(functools.partial(_loss, model, teacher, loss), has_aux=True)
 
     def train_step(state: TrainState, batch: Batch, teacher_variables: Any):
         images = input_pipeline.preprocess(
@@ -204,11 +165,10 @@ def make_train_step(
             batch["image"],
             info,
             train=True,
-            crop_padding=crop_padding,
-            flip=flip,
+            options=augment,
             example_offset=jax.lax.axis_index(AXIS) * batch["label"].shape[0],
         )
-        (loss, (logits, batch_stats)), grads = grad_fn(
+        (value, (logits, batch_stats)), grads = grad_fn(
             state.params, state.batch_stats, images, batch["label"], teacher_variables
         )
         grads = jax.lax.pmean(grads, AXIS)
@@ -219,8 +179,11 @@ def make_train_step(
             batch_stats=batch_stats,
             opt_state=opt_state,
         )
+        if ema_decay:
+            now = {"params": new_state.params, "batch_stats": batch_stats}
+            new_state = new_state.replace(ema=ema_update(state.ema, now, state.step, ema_decay))
         correct = jnp.argmax(logits, -1) == batch["label"]
-        metrics = {"loss": loss, "accuracy": jnp.mean(correct.astype(jnp.float32))}
+        metrics = {"loss": value, "accuracy": jnp.mean(correct.astype(jnp.float32))}
         return new_state, jax.lax.pmean(metrics, AXIS)
 
     return train_step

@@ -26,10 +26,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from idsnn_jax import energy, faults, input_pipeline, steps
+from idsnn_jax import energy, faults, input_pipeline, optim, steps
 from idsnn_jax.checkpoints import StageCheckpoints
 from idsnn_jax.datasets import DatasetInfo, Split
 from idsnn_jax.logs import MetricLogger, logger, progress
+from idsnn_jax.losses import LossOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,11 +41,12 @@ class FitOptions:
     batch_size: int = 64  # global, over all devices
     eval_batch_size: int = 512
     seed: int = 0
-    optimizer: steps.OptimizerOptions = steps.OptimizerOptions()
-    kd_alpha: float = 0.3
-    kd_tau: float = 4.0
-    crop_padding: int = 4
-    flip: bool = True
+    optimizer: optim.OptimizerOptions = optim.OptimizerOptions()
+    loss: LossOptions = LossOptions()
+    augment: input_pipeline.AugmentOptions = input_pipeline.AugmentOptions()
+    # > 0: also keep an exponential moving average of the weights (`steps.ema_update`),
+    # evaluated beside them every epoch (`test_ema_*`); the raw weights are what is selected.
+    ema_decay: float = 0.0
     checkpoint_keep: int = 2  # newest saved epochs kept (the best one is kept besides)
     checkpoint_every_epochs: int = 1  # the last epoch and the best one are always saved
     log_every_steps: int = 50
@@ -63,15 +65,7 @@ class FitOptions:
         )
         counts = {name: getattr(self, name) for name in positive}
         checks = [(n, steps.is_int(v) and v >= 1, "an integer >= 1") for n, v in counts.items()]
-        checks += [
-            ("kd_alpha", self.kd_alpha >= 0, ">= 0"),
-            ("kd_tau", self.kd_tau > 0, "> 0"),
-            (
-                "crop_padding",
-                steps.is_int(self.crop_padding) and self.crop_padding >= 0,
-                "an integer >= 0",
-            ),
-        ]
+        checks.append(("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0: no EMA)"))
         ok = self.energy in ("", *energy.PRESETS)
         checks.append(("energy", ok, f"'' (off) or one of {sorted(energy.PRESETS)}"))
         for name, ok, expected in checks:
@@ -145,8 +139,9 @@ def fit(
     SIGTERM/SIGINT; either way a pending checkpoint save is finished first.
     """
     steps_per_epoch = input_pipeline.num_train_steps(ctx.train_size, options.batch_size)
-    tx, schedule = steps.create_optimizer(options.optimizer, steps_per_epoch, options.num_epochs)
-    state = steps.create_train_state(variables, tx, stage_seed(options.seed, stage))
+    tx, schedule = optim.create_optimizer(options.optimizer, steps_per_epoch, options.num_epochs)
+    seed = stage_seed(options.seed, stage)
+    state = steps.create_train_state(variables, tx, seed, ema=options.ema_decay > 0)
     state = steps.replicate(state, ctx.mesh)
     ckpt = StageCheckpoints(os.path.join(ctx.workdir, stage), keep=options.checkpoint_keep)
     history: list[dict[str, float]] = []
@@ -177,17 +172,7 @@ def fit(
                 ctx, stage, epoch, options, train_fn, state, data, teacher_variables, saved
             )
             record["lr"] = float(schedule(epoch * steps_per_epoch))
-            test = evaluate(
-                eval_fn, state, ctx.test_split, options.eval_batch_size, ctx.mesh, ctx.test_size
-            )
-            if not math.isfinite(test["loss"]):  # a last step that broke the weights
-                raise FloatingPointError(
-                    f"[{stage}] test loss is {test['loss']} after epoch {epoch + 1}; lower "
-                    "optimizer.learning_rate or check the data"
-                )
-            if options.energy:
-                costs = energy.PRESETS[options.energy]
-                test["energy_uj"] = energy.energy_uj(test["macs"], test["sops"], costs)
+            test = _test(ctx, eval_fn, state, options, stage, epoch)
             record.update({f"test_{k}" if "/" not in k else k: v for k, v in test.items()})
             history.append(record)
             ctx.writer.write(stage, epoch + 1, record)
@@ -215,16 +200,44 @@ def _compile(
         tx,
         ctx.info,
         teacher=teacher,
-        kd_alpha=options.kd_alpha,
-        kd_tau=options.kd_tau,
-        crop_padding=options.crop_padding,
-        flip=options.flip,
+        loss=options.loss,
+        augment=options.augment,
+        ema_decay=options.ema_decay,
     )
     eval_step = steps.make_eval_step(model, ctx.info, count_ops=bool(options.energy))
     return (
         steps.compile_train_loop(ctx.mesh, steps.make_train_loop(train_step)),
         steps.compile_eval_step(ctx.mesh, eval_step),
     )
+
+
+def _test(
+    ctx: RunContext,
+    eval_fn: Callable,
+    state: steps.TrainState,
+    options: FitOptions,
+    stage: str,
+    epoch: int,
+) -> dict[str, float]:
+    """The epoch's evaluation on the whole test split: `evaluate`'s means, the energy of
+    `options.energy`, and the EMA weights' accuracy and loss (`ema_*`) when kept.
+    FloatingPointError when the test loss is not finite (a last step that broke the weights)."""
+    evaluate_on = lambda s: evaluate(
+        eval_fn, s, ctx.test_split, options.eval_batch_size, ctx.mesh, ctx.test_size
+    )
+    test = evaluate_on(state)
+    if not math.isfinite(test["loss"]):
+        raise FloatingPointError(
+            f"[{stage}] test loss is {test['loss']} after epoch {epoch + 1}; lower "
+            "optimizer.learning_rate or check the data"
+        )
+    if options.energy:
+        costs = energy.PRESETS[options.energy]
+        test["energy_uj"] = energy.energy_uj(test["macs"], test["sops"], costs)
+    if state.ema is not None:
+        averaged = evaluate_on(state.replace(**state.ema))
+        test |= {"ema_accuracy": averaged["accuracy"], "ema_loss": averaged["loss"]}
+    return test
 
 
 def _should_save(history: list[dict[str, float]], options: FitOptions) -> bool:

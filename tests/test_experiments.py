@@ -9,11 +9,13 @@ import os
 import ablation  # experiments/ is on pytest's pythonpath (pyproject.toml)
 import paper_study
 import pytest
+import recipe_study
 import study_report
 import summarize
 
 from idsnn_jax import datasets
-from idsnn_jax.configs import cifar100, tiny
+from idsnn_jax.configs import cifar100, fashion_mnist_modern, tiny
+from idsnn_jax.plan import flatten as _flatten
 
 FASHION_MNIST_DIR = datasets.DEFAULT_FASHION_MNIST_DIR
 
@@ -223,3 +225,62 @@ def test_study_arguments_fail_with_the_key():
     for bad in ("20", "a:b", "0:5"):
         with pytest.raises(ValueError, match="--schedules"):
             paper_study.parse_schedules([bad])
+
+
+def _summary(path, best, ema=None):
+    os.makedirs(path, exist_ok=True)
+    summary = {"student_best_accuracy": best, "wall_seconds": 1.0}
+    if ema is not None:
+        summary["student_ema_best_accuracy"] = ema
+    with open(os.path.join(path, "summary.json"), "w") as f:
+        json.dump(summary, f)
+
+
+def test_recipe_table_by_hand(tmp_path):
+    """Mean, sample std and the per-seed difference to `modern`, over the seeds each run has;
+    the reference rows from a paper_study root; unfinished runs left out."""
+    root, ref = tmp_path / "recipe", tmp_path / "study"
+    for seed, (modern, ema, no_tet, base) in {
+        1: (0.80, 0.81, 0.78, 0.70),
+        2: (0.84, 0.83, 0.80, 0.72),
+    }.items():
+        _summary(root / f"seed_{seed}" / "modern", modern, ema)
+        _summary(root / f"seed_{seed}" / "no_tet", no_tet, ema)
+        _summary(ref / f"seed_{seed}" / "baseline", base)
+    _summary(root / "seed_3" / "modern", 0.9, 0.9)  # only modern finished for seed 3
+    (root / "seed_3" / "no_tet").mkdir()
+    rows = {r["run"]: r for r in recipe_study.table(str(root), str(ref))["rows"]}
+    assert set(rows) == {"modern", "no_tet", "reference_baseline"}
+    assert rows["modern"]["best"]["mean"] == pytest.approx((0.80 + 0.84 + 0.9) / 3)
+    assert rows["modern"]["best"]["std"] == pytest.approx(0.05033, abs=1e-5)  # by hand
+    assert rows["no_tet"]["best"]["mean"] == pytest.approx(0.79)
+    assert rows["no_tet"]["minus_modern"]["mean"] == pytest.approx(-0.03)  # -0.02, -0.04
+    assert rows["no_tet"]["minus_modern"]["std"] == pytest.approx(0.0141421, abs=1e-6)
+    assert rows["reference_baseline"]["ema"] is None
+    assert rows["modern"]["minus_modern"] is None
+    md = recipe_study.markdown({"rows": list(rows.values())})
+    assert "| no_tet | 2 | 79.00 ± 1.41 | 82.00 ± 1.41 | -3.00 ± 1.41 | 78.00 / 80.00 |" in md
+
+
+def test_recipe_runs_in_priority_order_with_the_overrides():
+    """Every seed's main comparison first; each variant's config is the modern one with its
+    overrides, the seed and the teacher, and nothing else changed."""
+    order = recipe_study.run_order([1, 2])
+    assert order[:4] == [(1, "modern"), (2, "modern"), (1, "baseline"), (2, "baseline")]
+    assert len(order) == 2 * len(recipe_study.VARIANTS)
+    base = fashion_mnist_modern.get_config()
+    config = recipe_study.variant_config(base, "no_cosine", 2, "/t/{seed}")
+    assert (config.seed, config.teacher.checkpoint) == (2, "/t/{seed}")
+    assert (config.optimizer.schedule, config.optimizer.warmup_epochs) == ("step", 0)
+    changed = {
+        k
+        for k in _flatten(config.to_dict())
+        if _flatten(config.to_dict())[k] != _flatten(base.to_dict())[k]
+    }
+    assert changed == {
+        "seed",
+        "teacher.checkpoint",
+        "optimizer.schedule",
+        "optimizer.warmup_epochs",
+        "compare_baseline",
+    }

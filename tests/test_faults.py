@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from idsnn_jax import checkpoints, faults, pipeline, steps
+from idsnn_jax import checkpoints, faults, optim, pipeline
 from idsnn_jax.configs import tiny
 from idsnn_jax.logs import epochs_by_stage, read_records
 
@@ -174,7 +174,7 @@ def test_stopped_run_resumes_exactly(fault, reference, shared, data_fashion_mnis
 
 
 def _exploding_after_epoch_1(real):
-    """`steps.create_optimizer` whose rate is x1e30 from epoch 2 on while the configured
+    """`optim.create_optimizer` whose rate is x1e30 from epoch 2 on while the configured
     learning rate is the tiny config's 0.05 (a schedule the config check would refuse)."""
 
     def create_optimizer(options, steps_per_epoch, num_epochs):
@@ -199,7 +199,7 @@ def test_divergence_keeps_the_last_good_checkpoint(
     """A loss that turns non-finite in the teacher's epoch 2 stops the run naming stage,
     epoch and step, before epoch 2 is logged or saved; the rerun with a lower learning rate
     (allowed only because the run diverged) resumes from epoch 1's checkpoint."""
-    monkeypatch.setattr(steps, "create_optimizer", _exploding_after_epoch_1(steps.create_optimizer))
+    monkeypatch.setattr(optim, "create_optimizer", _exploding_after_epoch_1(optim.create_optimizer))
     config = tiny.get_config()
     config.data_dir = str(data_fashion_mnist_dir)
     config.teacher.num_epochs = 2

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from idsnn_jax.losses import cross_entropy, idsnn_loss, kd_loss
+from idsnn_jax.losses import LossOptions, cross_entropy, idsnn_loss, kd_loss, objective
 
 
 def np_log_softmax(z: np.ndarray) -> np.ndarray:
@@ -216,3 +216,83 @@ def test_bfloat16_logits_give_float32_loss():
     np.testing.assert_allclose(float(tot), np_ce(zs_r, y) + 0.3 * np_kd(zs_r, zt_r, 4.0), 1e-5)
     g = jax.grad(idsnn_loss)(zs_b, zt_b, jnp.asarray(y))
     assert g.dtype == jnp.bfloat16
+
+
+def np_smoothed_ce(z, y, eps):
+    """-sum_k q_k log p_k with q = (1 - eps) one_hot(y) + eps / K (PyTorch's label_smoothing)."""
+    k = z.shape[-1]
+    total = 0.0
+    for b in range(len(y)):
+        q = np.full(k, eps / k)
+        q[y[b]] += 1 - eps
+        total -= np.sum(q * np_log_softmax(z[b]))
+    return total / len(y)
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.5])
+def test_label_smoothing_matches_the_pytorch_formula(eps):
+    zs, _, y = _data(seed=4)
+    got = cross_entropy(jnp.asarray(zs), jnp.asarray(y), label_smoothing=eps)
+    np.testing.assert_allclose(float(got), np_smoothed_ce(zs, y, eps), rtol=1e-6)
+
+
+def _steps(t=3, b=5, k=7, seed=5):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(t, b, k)) * 2).astype(np.float32), rng.integers(0, k, b).astype(
+        np.int32
+    )
+
+
+@pytest.mark.parametrize("w, eps", [(1.0, 0.0), (0.25, 0.0), (0.5, 0.1)])
+def test_tet_blend_matches_numpy(w, eps):
+    """(1 - w) CE(mean_t z_t) + w mean_t CE(z_t), every CE smoothed by eps, no teacher."""
+    z, y = _steps()
+    expected = (1 - w) * np_smoothed_ce(z.mean(0), y, eps) + w * np.mean(
+        [np_smoothed_ce(z[t], y, eps) for t in range(len(z))]
+    )
+    options = LossOptions(tet_weight=w, label_smoothing=eps)
+    got = objective(jnp.asarray(z), jnp.asarray(y), options)
+    np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("per_step", [False, True])
+def test_objective_distillation_matches_numpy(per_step):
+    """KD of the time mean, or the mean over t of KD of each step's logits, against the teacher."""
+    z, y = _steps(seed=6)
+    teacher = np.random.default_rng(7).normal(size=z.shape[1:]).astype(np.float32) * 3
+    kd = (
+        np.mean([np_kd(z[t], teacher, 2.0) for t in range(len(z))])
+        if per_step
+        else np_kd(z.mean(0), teacher, 2.0)
+    )
+    options = LossOptions(kd_alpha=0.7, kd_tau=2.0, kd_per_step=per_step)
+    got = objective(jnp.asarray(z), jnp.asarray(y), options, jnp.asarray(teacher))
+    np.testing.assert_allclose(float(got), np_ce(z.mean(0), y) + 0.7 * kd, rtol=1e-5)
+
+
+def test_objective_defaults_are_the_reference_losses_exactly():
+    zs, zt, y = _data(seed=8)
+    zs, zt, y = jnp.asarray(zs), jnp.asarray(zt), jnp.asarray(y)
+    assert float(objective(zs, y, LossOptions())) == float(cross_entropy(zs, y))
+    assert float(objective(zs, y, LossOptions(), zt)) == float(idsnn_loss(zs, zt, y))
+
+
+def test_objective_needs_per_step_logits_for_tet():
+    zs, _, y = _data()
+    with pytest.raises(ValueError, match="per-step logits"):
+        objective(jnp.asarray(zs), jnp.asarray(y), LossOptions(tet_weight=1.0))
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("kd_alpha", -0.1),
+        ("kd_tau", 0.0),
+        ("label_smoothing", 1.0),
+        ("tet_weight", 1.5),
+        ("kd_per_step", 1),
+    ],
+)
+def test_loss_options_name_the_bad_field(field, value):
+    with pytest.raises(ValueError, match=f"^{field}="):
+        LossOptions(**{field: value})

@@ -634,6 +634,24 @@ def test_small_spiking_resnet_logits_match_numpy():
     assert not np.array_equal(ht[0], ht[1])
 
 
+def test_per_step_logits_are_the_head_of_each_step():
+    """`per_step=True`: the head applied to each step's pooled last-block spikes (NumPy), and
+    their mean over T is the default (time-mean) output."""
+    model, ref_kw = WHOLE_NETWORKS["spiking_basic"]
+    x = _images((3, 8, 8, 3), seed=11)
+    variables = _variables(model, ref_kw, x, 12)
+    _, lif_layers, _ = _np_resnet(variables, x, train=False, **ref_kw)
+    spikes, head = lif_layers[-1][1], variables["params"]["head"]  # (T, B, H, W, C)
+    pooled = [ref.global_avg_pool(spikes[t]) for t in range(len(spikes))]
+    want = np.stack([ref.dense(p, head["kernel"], head["bias"]) for p in pooled])
+    got = np.asarray(model.apply(variables, x, per_step=True))
+    assert got.shape == (2, 3, 5)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(got[0], got[1])  # the steps differ, so the mean is a real check
+    mean = np.asarray(model.apply(variables, x))
+    np.testing.assert_allclose(got.mean(axis=0), mean, rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------
 # Errors.
 

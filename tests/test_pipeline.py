@@ -171,6 +171,12 @@ def test_pipeline_on_idx_with_teacher_reuse(data_fashion_mnist_dir, tmp_path):
         ("optimizer.lr_interval", -2),
         ("augment.crop_padding", -1),
         ("kd_alpha", -1.0),
+        ("label_smoothing", 1.0),
+        ("tet_weight", 1.5),
+        ("ema_decay", -0.5),
+        ("optimizer.schedule", "linear"),
+        ("optimizer.warmup_epochs", -1),
+        ("augment.cutout", -2),
     ],
 )
 def test_invalid_config_names_the_key(key, value, tmp_path):

@@ -3,12 +3,23 @@ per-stage options it builds from the config."""
 
 from __future__ import annotations
 
+import importlib
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import pytest
 
 from idsnn_jax import plan
-from idsnn_jax.configs import tiny
+from idsnn_jax.configs import fashion_mnist_modern, tiny
+from idsnn_jax.input_pipeline import AugmentOptions
+from idsnn_jax.losses import LossOptions
+
+CONFIGS = sorted(
+    p.stem
+    for p in (pathlib.Path(__file__).parents[1] / "configs").glob("*.py")
+    if p.stem != "__init__"
+)
 
 
 @pytest.mark.parametrize(
@@ -73,3 +84,20 @@ def test_data_shards_rule(monkeypatch, processes, shards, ok):
     assert message.startswith(f"config.data_shards={shards!r} is invalid: expected 0 (one per")
     assert f"multiple of the {processes} process(es) dividing batch_size" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_builds_a_plan(name):
+    """Every shipped config is valid as written (models, options and transfer plan)."""
+    config = importlib.import_module(f"idsnn_jax.configs.{name}").get_config()
+    built = plan.build_plan(config)
+    assert built.fit_options["student"].num_epochs == config.student.num_epochs
+
+
+def test_modern_options_reach_the_fit_options():
+    """Each config key of the modern recipe lands in the student stage's options."""
+    student = plan.build_plan(fashion_mnist_modern.get_config()).fit_options["student"]
+    assert student.loss == LossOptions(label_smoothing=0.1, tet_weight=1.0, kd_per_step=True)
+    assert student.augment == AugmentOptions(flip=False, cutout=8, auto_augment=True)
+    optimizer = student.optimizer
+    assert (optimizer.schedule, optimizer.warmup_epochs, student.ema_decay) == ("cosine", 1, 0.99)

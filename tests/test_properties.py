@@ -31,6 +31,7 @@ from references import cyclic
 from idsnn_jax.configs import tiny
 from idsnn_jax.models import MODELS, create_model
 from idsnn_jax.neuron import SURROGATES
+from idsnn_jax.optim import SCHEDULES
 from idsnn_jax.plan import build_plan
 from idsnn_jax.transfer import init_snn_from_ann, transfer_report
 
@@ -92,6 +93,9 @@ def _random_tree(name: str, width: float, seed: int, dtype) -> dict[str, np.ndar
     }
 
 
+BOTTLENECKS = {"resnet50", "resnet101", "resnet152"}
+
+
 def _expected_source(path: str, case: dict, src_paths) -> str | None:
     """DESIGN §1: the source path of a target leaf, or None when it keeps its own value."""
     coll, top, *rest = path.split("/")
@@ -105,7 +109,14 @@ def _expected_source(path: str, case: dict, src_paths) -> str | None:
         i = min(j, d - 1)
     else:  # "uniform": round(j * (d - 1) / (n - 1)), halves up
         i = 0 if n == 1 else math.floor(Fraction(j * (d - 1), n - 1) + Fraction(1, 2))
-    source = "/".join([coll, top, f"block{i}", *rest[1:]])
+    module = rest[1]
+    if case["src"] in BOTTLENECKS and case["dst"] not in BOTTLENECKS:
+        # A bottleneck's one 3x3 conv (conv2/bn2) feeds a basic block's conv1/bn1; basic
+        # conv2/bn2 have no counterpart and keep their values.
+        module = {"conv1": "conv2", "bn1": "bn2", "conv2": None, "bn2": None}.get(module, module)
+        if module is None:
+            return None
+    source = "/".join([coll, top, f"block{i}", module, *rest[2:]])
     if rest[1].startswith("shortcut"):
         return source if case["copy_shortcut"] and source in src_paths else None
     return source
@@ -217,6 +228,12 @@ BAD_VALUES = {
     "optimizer.lr_interval": st.integers(max_value=-1) | st.none(),
     "optimizer.lr_gamma": st.floats(min_value=1.0, exclude_min=True) | _not_positive,
     "augment.crop_padding": st.integers(max_value=-1) | st.none(),
+    "augment.cutout": st.integers(max_value=-1) | st.none(),
+    "optimizer.schedule": _names.filter(lambda v: v not in SCHEDULES),
+    "optimizer.warmup_epochs": st.integers(max_value=-1) | st.none(),
+    "label_smoothing": st.floats(min_value=1.0) | _negative,
+    "tet_weight": st.floats(min_value=1.0, exclude_min=True) | _negative,
+    "ema_decay": st.floats(min_value=1.0) | _negative,
     "checkpoint_keep": _neg_ints | st.none(),
     "checkpoint_every_epochs": _neg_ints | st.none(),
     "log_every_steps": _neg_ints | st.none(),

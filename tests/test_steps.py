@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from idsnn_jax import energy, input_pipeline, steps
 from idsnn_jax.datasets import DatasetInfo
-from idsnn_jax.losses import cross_entropy, idsnn_loss
+from idsnn_jax.losses import LossOptions, cross_entropy, idsnn_loss, objective
 from idsnn_jax.models import create_model
 
 INFO = DatasetInfo("tiny", 5, (8, 8, 3), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
@@ -64,12 +64,21 @@ def _calls(mesh, batches, steps_per_call: int):
     return data, calls
 
 
-def _run_steps(mesh, student, teacher, num_steps: int = 3, steps_per_call: int = 1):
+# Every option beyond the reference recipe, on (steps.make_train_step's keyword arguments).
+MODERN = dict(
+    loss=LossOptions(label_smoothing=0.1, tet_weight=0.5, kd_per_step=True),
+    augment=input_pipeline.AugmentOptions(crop_padding=1, cutout=3, auto_augment=True),
+    ema_decay=0.9,
+)
+
+
+def _run_steps(mesh, student, teacher, num_steps: int = 3, steps_per_call: int = 1, **step_kw):
     tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.05, momentum=0.9))
-    train_fn = _compile_loop(mesh, steps.make_train_step(student, tx, INFO, teacher=teacher))
-    state = steps.replicate(
-        steps.create_train_state(steps.init_variables(student, INFO, 0), tx, 7), mesh
-    )
+    step = steps.make_train_step(student, tx, INFO, teacher=teacher, **step_kw)
+    train_fn = _compile_loop(mesh, step)
+    variables = steps.init_variables(student, INFO, 0)
+    ema = bool(step_kw.get("ema_decay"))
+    state = steps.replicate(steps.create_train_state(variables, tx, 7, ema=ema), mesh)
     teacher_vars = steps.replicate(steps.init_variables(teacher, INFO, 1), mesh)
     data, calls = _calls(mesh, _batches(num_steps, 8), steps_per_call)
     losses = []
@@ -92,6 +101,41 @@ def test_four_devices_equal_one_device():
     init = steps.init_variables(student, INFO, 0)["params"]
     moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), one.params, init)
     assert max(jax.tree.leaves(moved)) > 1e-3
+
+
+def test_four_devices_equal_one_device_with_the_modern_options():
+    """Label smoothing, TET, per-step KD, AutoAugment, Cutout and EMA on: still N == 1 (the
+    augmentations are keyed per global example), EMA included; and the options change the
+    training (the losses differ from the reference recipe's)."""
+    student, teacher = _models()
+    one, losses_one = _run_steps(steps.create_mesh(jax.devices()[:1]), student, teacher, **MODERN)
+    four, losses_four = _run_steps(steps.create_mesh(), student, teacher, **MODERN)
+    np.testing.assert_allclose(losses_four, losses_one, rtol=1e-5)
+    chex.assert_trees_all_close(four.params, one.params, atol=1e-5, rtol=1e-4)
+    chex.assert_trees_all_close(four.ema, one.ema, atol=1e-5, rtol=1e-4)
+    _, reference = _run_steps(steps.create_mesh(jax.devices()[:1]), student, teacher)
+    assert abs(losses_one[0] - reference[0]) > 1e-3
+
+
+def test_ema_follows_the_recurrence():
+    """After each of 3 steps, ema = d * ema + (1 - d) * weights with d = min(0.9, (1 + s) /
+    (10 + s)), s = 0, 1, 2 (0.1, 0.18..., 0.25), from ema = the initial weights."""
+    student, teacher = _models()
+    mesh = steps.create_mesh(jax.devices()[:1])
+    tx = optax.sgd(0.05)
+    variables = steps.init_variables(student, INFO, 0)
+    state = steps.replicate(steps.create_train_state(variables, tx, 7, ema=True), mesh)
+    train_fn = _compile_loop(mesh, steps.make_train_step(student, tx, INFO, ema_decay=0.9))
+    data, calls = _calls(mesh, _batches(3, 8), steps_per_call=1)
+    want = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    for s, (indices, valid) in enumerate(calls):
+        state, _ = train_fn(state, data, indices, valid, {})
+        d = min(0.9, (1 + s) / (10 + s))
+        now = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+        want = jax.tree.map(
+            lambda e, x, d=d: d * np.float64(e) + (1 - d) * np.float64(x), want, now
+        )
+    chex.assert_trees_all_close(jax.device_get(state.ema), want, atol=1e-6, rtol=1e-5)
 
 
 def test_steps_per_call_gives_the_same_training():
@@ -123,42 +167,6 @@ def test_train_step_traces_once():
     assert int(state.step) == 3
 
 
-def test_sgd_matches_pytorch_semantics():
-    """Weight decay added to the gradient before momentum; lr x gamma at milestones."""
-    opt = steps.OptimizerOptions(
-        learning_rate=0.1, momentum=0.9, weight_decay=0.01, lr_milestones=(1, 2), lr_gamma=0.5
-    )
-    steps_per_epoch = 2
-    tx, schedule = steps.create_optimizer(opt, steps_per_epoch, num_epochs=3)
-    rng = np.random.default_rng(0)
-    p = {"w": jnp.asarray(rng.normal(size=4), jnp.float32)}
-    state = tx.init(p)
-    p_ref, buf = np.asarray(p["w"], np.float64), np.zeros(4)
-    for t in range(6):
-        g = rng.normal(size=4)
-        updates, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, p)
-        p = optax.apply_updates(p, updates)
-        lr = 0.1 * 0.5 ** sum(t >= m * steps_per_epoch for m in (1, 2))
-        assert float(schedule(t)) == pytest.approx(lr)
-        d = g + 0.01 * p_ref  # torch.optim.SGD: d_p = g + wd * p; buf = m * buf + d_p
-        buf = 0.9 * buf + d
-        p_ref = p_ref - lr * buf
-    np.testing.assert_allclose(np.asarray(p["w"]), p_ref, rtol=1e-5)
-
-
-@pytest.mark.parametrize(
-    "milestones, interval, expected",
-    [
-        ((60, 120, 160), 0, [60, 120, 160]),
-        ((60, 120, 160), 20, [20, 40, 60, 80, 100]),
-        ((3, 9), 0, [3]),
-    ],
-)
-def test_lr_milestones(milestones, interval, expected):
-    opt = steps.OptimizerOptions(lr_milestones=milestones, lr_interval=interval)
-    assert opt.milestones(120 if interval == 20 else (200 if 60 in milestones else 5)) == expected
-
-
 def _one_step(student, teacher, *, kd_alpha=0.3, kd_tau=4.0):
     """One distillation step on one device: (state before, batch, teacher variables, metrics)."""
     mesh = steps.create_mesh(jax.devices()[:1])
@@ -167,7 +175,7 @@ def _one_step(student, teacher, *, kd_alpha=0.3, kd_tau=4.0):
     teacher_vars = steps.init_variables(teacher, INFO, 1)
     batch = _batches(1, 8, seed=3)[0]
     step = steps.make_train_step(
-        student, tx, INFO, teacher=teacher, kd_alpha=kd_alpha, kd_tau=kd_tau
+        student, tx, INFO, teacher=teacher, loss=LossOptions(kd_alpha=kd_alpha, kd_tau=kd_tau)
     )
     train_fn = _compile_loop(mesh, step)
     before = jax.device_get(state)
@@ -197,6 +205,39 @@ def test_distillation_step_reports_the_idsnn_loss():
     assert abs(float(metrics["loss"]) - ce) > 1e-3  # the KD term is really there
 
 
+def test_modern_step_reports_the_objective():
+    """With every option on, the step's loss equals `losses.objective` of the student's
+    per-step train-mode logits and the teacher's eval-mode logits, computed outside the step on
+    images augmented outside it by `preprocess` (crop, AutoAugment, Cutout) from the step's key."""
+    student, teacher = _models()
+    mesh = steps.create_mesh(jax.devices()[:1])
+    tx = optax.sgd(0.05)
+    variables = steps.init_variables(student, INFO, 0)
+    state = steps.create_train_state(variables, tx, 7, ema=True)
+    teacher_vars = steps.init_variables(teacher, INFO, 1)
+    batch = _batches(1, 8, seed=3)[0]
+    train_fn = _compile_loop(
+        mesh, steps.make_train_step(student, tx, INFO, teacher=teacher, **MODERN)
+    )
+    data, [(indices, valid)] = _calls(mesh, [batch], steps_per_call=1)
+    _, metrics = train_fn(
+        steps.replicate(state, mesh), data, indices, valid, steps.replicate(teacher_vars, mesh)
+    )
+    key = jax.random.fold_in(state.rng, state.step)
+    images = input_pipeline.preprocess(
+        key, batch["image"], INFO, train=True, options=MODERN["augment"]
+    )
+    student_1, teacher_1 = student.clone(bn_axis_name=None), teacher.clone(bn_axis_name=None)
+    logits, _ = student_1.apply(
+        variables, images, train=True, per_step=True, mutable=["batch_stats"]
+    )
+    teacher_logits = teacher_1.apply(teacher_vars, images, train=False)
+    expected = objective(logits, batch["label"], MODERN["loss"], teacher_logits)
+    assert float(metrics["loss"][0]) == pytest.approx(float(expected), rel=1e-5)
+    plain = input_pipeline.preprocess(key, batch["image"], INFO, train=True)
+    assert not np.allclose(images, plain)  # the augmentations really ran
+
+
 def test_bfloat16_train_step_tracks_float32():
     """bfloat16 compute through the whole distillation step: finite, close to float32."""
     student, teacher = _models()
@@ -207,40 +248,6 @@ def test_bfloat16_train_step_tracks_float32():
         losses[dtype] = float(metrics["loss"])
     assert np.isfinite(losses[jnp.bfloat16])
     assert losses[jnp.bfloat16] == pytest.approx(losses[jnp.float32], rel=5e-2)
-
-
-def test_lr_interval_steps_the_rate_inside_training():
-    """With lr_interval=1 and 2 steps per epoch, plain SGD moves a parameter by lr * grad
-    with lr 0.1, 0.1, 0.01, 0.01, 0.001, 0.001 over six steps."""
-    opt = steps.OptimizerOptions(
-        learning_rate=0.1, momentum=0.0, weight_decay=0.0, lr_interval=1, lr_gamma=0.1
-    )
-    tx, _ = steps.create_optimizer(opt, steps_per_epoch=2, num_epochs=3)
-    p = {"w": jnp.zeros(())}
-    state = tx.init(p)
-    moves = []
-    for _ in range(6):
-        updates, state = tx.update({"w": jnp.ones(())}, state, p)
-        new = optax.apply_updates(p, updates)
-        moves.append(float(p["w"] - new["w"]))
-        p = new
-    np.testing.assert_allclose(moves, [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-5)
-
-
-@pytest.mark.parametrize(
-    "field, value",
-    [
-        ("learning_rate", 0.0),
-        ("momentum", 1.0),
-        ("weight_decay", -1e-4),
-        ("lr_milestones", (120, 60)),
-        ("lr_interval", -1),
-        ("lr_gamma", 1.5),
-    ],
-)
-def test_optimizer_options_name_the_bad_field(field, value):
-    with pytest.raises(ValueError, match=f"^{field}="):
-        steps.OptimizerOptions(**{field: value})
 
 
 def test_eval_step_counts_operations_over_devices():

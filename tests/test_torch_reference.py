@@ -16,7 +16,7 @@ import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
-from idsnn_jax import input_pipeline, steps
+from idsnn_jax import input_pipeline, optim, steps
 from idsnn_jax.datasets import DatasetInfo
 from idsnn_jax.losses import idsnn_loss
 from idsnn_jax.models import create_model, firing_rates
@@ -184,14 +184,13 @@ def test_sgd_step_with_distillation_matches():
 
     # The training step itself, on one device, with augmentation switched off.
     mesh = steps.create_mesh(jax.devices()[:1])
-    tx, _ = steps.create_optimizer(steps.OptimizerOptions(learning_rate=LR), 1, 1)
+    tx, _ = optim.create_optimizer(optim.OptimizerOptions(learning_rate=LR), 1, 1)
     step = steps.make_train_step(
         _flax_model("spiking_resnet18", bn_axis_name=steps.AXIS),
         tx,
         INFO,
         teacher=teacher,
-        crop_padding=0,
-        flip=False,
+        augment=input_pipeline.AugmentOptions(crop_padding=0, flip=False),
     )
     state = steps.replicate(steps.create_train_state(s_vars, tx, 0), mesh)
     batch = steps.shard_batch({"image": pixels, "label": labels.astype(np.int32)}, mesh)

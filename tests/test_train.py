@@ -13,10 +13,11 @@ import optax
 import pytest
 import references as ref
 
-from idsnn_jax import input_pipeline, steps, train
+from idsnn_jax import input_pipeline, optim, steps, train
 from idsnn_jax.checkpoints import StageCheckpoints
 from idsnn_jax.datasets import DatasetInfo, Split, dataset_info, load_split
 from idsnn_jax.logs import MetricLogger
+from idsnn_jax.losses import LossOptions
 from idsnn_jax.models import create_model
 
 INFO = DatasetInfo("tiny", 5, (8, 8, 3), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
@@ -85,14 +86,26 @@ def _records(workdir) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def test_resume_after_crash_equals_uninterrupted_run(data_fashion_mnist_dir, tmp_path):
-    milestones = steps.OptimizerOptions(lr_milestones=(1,))
-    straight = _fit(_ctx(data_fashion_mnist_dir, tmp_path / "straight"), 2, optimizer=milestones)
+# The options beyond the reference recipe (EMA in the state, keyed augmentations, schedule).
+MODERN = dict(
+    optimizer=optim.OptimizerOptions(lr_milestones=(1,), schedule="cosine", warmup_epochs=1),
+    loss=LossOptions(label_smoothing=0.1, tet_weight=0.5),
+    augment=input_pipeline.AugmentOptions(cutout=4, auto_augment=True),
+    ema_decay=0.9,
+)
+
+
+@pytest.mark.parametrize("modern", [False, True], ids=["reference", "modern"])
+def test_resume_after_crash_equals_uninterrupted_run(data_fashion_mnist_dir, tmp_path, modern):
+    options = MODERN if modern else {"optimizer": optim.OptimizerOptions(lr_milestones=(1,))}
+    straight = _fit(_ctx(data_fashion_mnist_dir, tmp_path / "straight"), 2, **options)
     crashing = _ctx(data_fashion_mnist_dir, tmp_path / "resumed", _crash_at(2))
     with pytest.raises(KeyboardInterrupt):
-        _fit(crashing, 2, optimizer=milestones)
+        _fit(crashing, 2, **options)
     assert sorted(os.listdir(tmp_path / "resumed" / "teacher")) == ["1"]
-    resumed = _fit(_ctx(data_fashion_mnist_dir, tmp_path / "resumed"), 2, optimizer=milestones)
+    resumed = _fit(_ctx(data_fashion_mnist_dir, tmp_path / "resumed"), 2, **options)
+    assert (resumed.state.ema is not None) == modern
+    assert ("test_ema_accuracy" in resumed.history[-1]) == modern
 
     assert [r["epoch"] for r in _records(tmp_path / "resumed")] == [1, 2]
     timing = {"images_per_sec", "epoch_seconds"}
@@ -106,7 +119,8 @@ def test_resume_after_crash_equals_uninterrupted_run(data_fashion_mnist_dir, tmp
         strict=True,
     ):
         np.testing.assert_array_equal(a, b)
-    assert resumed.history[1]["lr"] == pytest.approx(0.005)  # x0.1 at the epoch-1 milestone
+    lr = 0.05 if modern else 0.005  # cosine starts at the peak after warm-up; x0.1 at milestone
+    assert resumed.history[1]["lr"] == pytest.approx(lr)
 
 
 def test_best_checkpoint_lies_on_the_final_trajectory(
@@ -143,9 +157,7 @@ def test_best_checkpoint_lies_on_the_final_trajectory(
         ("num_epochs", 0),
         ("batch_size", 0),
         ("eval_batch_size", 2.5),
-        ("kd_alpha", -0.1),
-        ("kd_tau", 0.0),
-        ("crop_padding", -1),
+        ("ema_decay", 1.0),
         ("checkpoint_keep", 0),
         ("checkpoint_every_epochs", 0),
         ("log_every_steps", 0),

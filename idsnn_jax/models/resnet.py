@@ -199,7 +199,10 @@ class ResNet(nn.Module):
 
     `__call__(images (B, H, W, C), train) -> logits (B, num_classes)` in float32. The image
     is repeated `time_steps` times (direct encoding) and folded into the batch; the head
-    averages over H, W and then over time before the Dense layer.
+    averages over H, W and then over time before the Dense layer. With `per_step=True` it
+    returns every time step's logits `(T, B, num_classes)`, the Dense layer applied to each
+    step's pooled features: being affine, their mean over T is the default output (up to
+    float rounding). TET and per-step distillation train on them (`losses.objective`).
 
     Memory options (exact gradients, default off): `remat=True` rematerializes each residual
     block and the stem in the backward pass (`nn.remat` with the `REMAT_POLICIES` entry named
@@ -227,7 +230,7 @@ class ResNet(nn.Module):
     block_call: Callable[[nn.Module, jax.Array], jax.Array] | None = None
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, images: jax.Array, train: bool = False, per_step: bool = False) -> jax.Array:
         if images.ndim != 4:
             raise ValueError(f"images must be (B, H, W, C), got shape {images.shape}")
         conv_fn = functools.partial(conv, dtype=self.dtype)
@@ -265,7 +268,9 @@ class ResNet(nn.Module):
                 block, num_blocks, features, 1 if i == 0 else 2, block_call, name=f"stage{i + 1}"
             )
             x = stage(x)
-        x = jnp.mean(x, axis=(1, 2)).reshape((self.time_steps, b, x.shape[-1])).mean(axis=0)
+        x = jnp.mean(x, axis=(1, 2)).reshape((self.time_steps, b, x.shape[-1]))
+        if not per_step:
+            x = x.mean(axis=0)
         head = nn.Dense(
             self.num_classes,
             dtype=self.dtype,
