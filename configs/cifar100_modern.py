@@ -19,17 +19,23 @@ Measured at Fashion-MNIST scale: experiments/results/fashion_mnist/ (recipe stud
 from idsnn_jax.configs import cifar100
 
 
+def add_modern_recipe(config, *, warmup_epochs: int, cutout: int, ema_decay: float):
+    """Turns on the modern recipe's options in `config`; the values that depend on the scale
+    (epochs, image size, steps) are arguments."""
+    config.optimizer.schedule = "cosine"
+    config.optimizer.warmup_epochs = warmup_epochs
+    config.label_smoothing = 0.1
+    config.tet_weight = 1.0
+    config.kd_per_step = True
+    config.augment.auto_augment = True
+    config.augment.cutout = cutout
+    config.ema_decay = ema_decay
+    return config
+
+
 def get_config():
     config = cifar100.get_config()
     config.teacher.width = 2.0
     config.optimizer.learning_rate = 0.1
     config.optimizer.weight_decay = 5e-4
-    config.optimizer.schedule = "cosine"
-    config.optimizer.warmup_epochs = 5
-    config.label_smoothing = 0.1
-    config.tet_weight = 1.0
-    config.kd_per_step = True
-    config.augment.auto_augment = True
-    config.augment.cutout = 8
-    config.ema_decay = 0.9998
-    return config
+    return add_modern_recipe(config, warmup_epochs=5, cutout=8, ema_decay=0.9998)

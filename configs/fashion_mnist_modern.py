@@ -10,17 +10,9 @@ measured by leaving it out, 3 seeds, with the teacher of the paper study (all 60
 experiments/results/fashion_mnist/recipe.md (experiments/recipe_study.py).
 """
 
-from idsnn_jax.configs import fashion_mnist
+from idsnn_jax.configs import cifar100_modern, fashion_mnist
 
 
 def get_config():
     config = fashion_mnist.get_config()
-    config.optimizer.schedule = "cosine"
-    config.optimizer.warmup_epochs = 1
-    config.label_smoothing = 0.1
-    config.tet_weight = 1.0
-    config.kd_per_step = True
-    config.augment.auto_augment = True
-    config.augment.cutout = 8
-    config.ema_decay = 0.99
-    return config
+    return cifar100_modern.add_modern_recipe(config, warmup_epochs=1, cutout=8, ema_decay=0.99)
