@@ -171,6 +171,10 @@ def plot(t: dict[str, Any], path: str, title: str) -> None:
     for i, r in enumerate(rows):
         for v in r["seeds"].values():
             ax.plot(100 * v["best"], i, "k.", ms=4)
+    modern = next((r for r in rows if r["run"] == "modern"), None)
+    if modern is not None:
+        ax.axvline(100 * modern["best"]["mean"], color="gray", ls=":", label="modern (mean)")
+        ax.legend(loc="lower right", fontsize=8)
     ax.set_yticks(list(y), [r["run"] for r in rows])
     ax.set_xlim(min(means) - 5, max(means) + 3)
     ax.set_xlabel("best test top-1 (%), mean ± std; dots: seeds")
