@@ -21,6 +21,7 @@ import numpy as np
 from jax import lax
 
 from idsnn_jax.augment import auto_augment, cutout
+from idsnn_jax.checks import check_fields, is_int
 from idsnn_jax.datasets import DatasetInfo, Split
 
 # Streams of the per-step key beside the crop/flip draws, which fold in the example index
@@ -212,18 +213,20 @@ class AugmentOptions:
 
     def __post_init__(self) -> None:
         checks = (
-            ("crop_padding", _is_count(self.crop_padding), "an integer >= 0"),
+            (
+                "crop_padding",
+                is_int(self.crop_padding) and self.crop_padding >= 0,
+                "an integer >= 0",
+            ),
             ("flip", isinstance(self.flip, bool), "a bool"),
-            ("cutout", _is_count(self.cutout), "an integer >= 0 (pixels; 0: off)"),
+            (
+                "cutout",
+                is_int(self.cutout) and self.cutout >= 0,
+                "an integer >= 0 (pixels; 0: off)",
+            ),
             ("auto_augment", isinstance(self.auto_augment, bool), "a bool"),
         )
-        for name, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected {expected}")
-
-
-def _is_count(value) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= 0
+        check_fields(self, checks)
 
 
 def preprocess(

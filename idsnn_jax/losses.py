@@ -17,6 +17,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from idsnn_jax.checks import check_fields
+
 
 def _check_labels(logits: jax.Array, labels: jax.Array) -> None:
     if labels.shape != logits.shape[:-1]:
@@ -114,9 +116,7 @@ class LossOptions:
             ("tet_weight", 0 <= self.tet_weight <= 1, "in [0, 1]"),
             ("kd_per_step", isinstance(self.kd_per_step, bool), "a bool"),
         )
-        for name, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected {expected}")
+        check_fields(self, checks)
 
     @property
     def per_step(self) -> bool:

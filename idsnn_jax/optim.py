@@ -14,7 +14,7 @@ import math
 import jax.numpy as jnp
 import optax
 
-from idsnn_jax.steps import is_int
+from idsnn_jax.checks import check_fields, is_int
 
 SCHEDULES = ("step", "cosine")
 
@@ -61,9 +61,7 @@ class OptimizerOptions:
                 "an int >= 0",
             ),
         )
-        for name, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected {expected}")
+        check_fields(self, checks)
 
     def milestones(self, num_epochs: int) -> list[int]:
         """Epochs at which the step schedule multiplies the learning rate by `lr_gamma`."""

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from idsnn_jax import optim, steps
+from idsnn_jax.checks import is_int
 from idsnn_jax.configs import default
 from idsnn_jax.datasets import DatasetInfo, dataset_info
 from idsnn_jax.input_pipeline import AugmentOptions
@@ -168,16 +169,16 @@ def _check_rules(config: ml_collections.ConfigDict, needs_teacher: bool) -> None
     check(config, "dtype", config.dtype in {"auto", *DTYPES}, f"one of {['auto', *DTYPES]}")
     for key in ("batch_size", "eval_batch_size"):
         value = get(config, key)
-        ok = steps.is_int(value) and value >= 1 and value % devices == 0
+        ok = is_int(value) and value >= 1 and value % devices == 0
         check(config, key, ok, f"a positive multiple of the {devices} devices")
     n_train, n_test = config.max_train_examples, config.max_test_examples
-    ok = n_train is None or (steps.is_int(n_train) and n_train >= config.batch_size)
+    ok = n_train is None or (is_int(n_train) and n_train >= config.batch_size)
     check(config, "max_train_examples", ok, "None or an integer >= batch_size")
-    ok = n_test is None or (steps.is_int(n_test) and n_test >= 1)
+    ok = n_test is None or (is_int(n_test) and n_test >= 1)
     check(config, "max_test_examples", ok, "None or an integer >= 1")
     processes = jax.process_count()
     shards = data_shards(config)
-    ok = steps.is_int(shards) and shards > 0 and shards % processes == 0
+    ok = is_int(shards) and shards > 0 and shards % processes == 0
     ok = ok and config.batch_size % shards == 0
     expected = (
         f"0 (one per process) or a multiple of the {processes} process(es) dividing batch_size"

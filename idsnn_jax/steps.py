@@ -54,11 +54,6 @@ class TrainState:
     ema: Any = None
 
 
-def is_int(value: Any) -> bool:
-    """A Python or NumPy integer, not a bool: the type every count and epoch option takes."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
 def create_mesh(devices: list[jax.Device] | None = None) -> Mesh:
     """1-D mesh over `devices` (default: all, of every process), axis `batch`, Auto axis type.
 

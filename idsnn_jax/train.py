@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from idsnn_jax import energy, faults, input_pipeline, optim, steps
 from idsnn_jax.checkpoints import StageCheckpoints
+from idsnn_jax.checks import check_fields, is_int
 from idsnn_jax.datasets import DatasetInfo, Split
 from idsnn_jax.logs import MetricLogger, logger, progress
 from idsnn_jax.losses import LossOptions
@@ -64,13 +65,11 @@ class FitOptions:
             "steps_per_call",
         )
         counts = {name: getattr(self, name) for name in positive}
-        checks = [(n, steps.is_int(v) and v >= 1, "an integer >= 1") for n, v in counts.items()]
+        checks = [(n, is_int(v) and v >= 1, "an integer >= 1") for n, v in counts.items()]
         checks.append(("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0: no EMA)"))
         ok = self.energy in ("", *energy.PRESETS)
         checks.append(("energy", ok, f"'' (off) or one of {sorted(energy.PRESETS)}"))
-        for name, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected {expected}")
+        check_fields(self, checks)
 
 
 @dataclasses.dataclass(frozen=True)
