@@ -20,7 +20,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
@@ -257,15 +256,19 @@ def evaluate(
 ) -> dict[str, float]:
     """Top-1 accuracy, mean loss and mean firing rates over every example of a split of
     `total` examples, of which this process holds `split` (default: all of it); the sums of
-    all processes are combined in the eval step."""
-    totals: dict[str, jax.Array] = {}
+    all processes are combined in the eval step.
+
+    Each batch's sums come to the host and add up there in float64: an eager `jnp.add` on
+    the device outputs, dispatched asynchronously between the eval steps' all-reduces,
+    deadlocks XLA:CPU with several devices (3 of 4 wait in the all-reduce forever)."""
+    totals: dict[str, np.ndarray] = {}
     batches = input_pipeline.eval_batches(
         split, global_batch_size=batch_size, total=total, process_count=jax.process_count()
     )
     for batch in batches:
-        sums = eval_fn(state, steps.shard_batch(batch, mesh))
-        totals = sums if not totals else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
+        sums = jax.device_get(eval_fn(state, steps.shard_batch(batch, mesh)))
+        sums = {k: np.asarray(v, np.float64) for k, v in sums.items()}
+        totals = sums if not totals else {k: totals[k] + v for k, v in sums.items()}
     count = float(totals.pop("count"))
     out = {"accuracy": float(totals.pop("correct")) / count}
     out.update({k: float(v) / count for k, v in totals.items()})
@@ -336,7 +339,10 @@ def _epoch_calls(
         sharding=NamedSharding(ctx.mesh, P(None, steps.AXIS)),
     )
     valid = np.arange(indices.shape[0]) < num_steps
-    return [(indices[s : s + k], valid[s : s + k]) for s in range(0, indices.shape[0], k)]
+    calls = [(indices[s : s + k], valid[s : s + k]) for s in range(0, indices.shape[0], k)]
+    # Done before the first step: eager slices still in flight beside the steps' all-reduces
+    # can deadlock XLA:CPU with several devices (see `evaluate`).
+    return jax.block_until_ready(calls)
 
 
 def _per_step(metrics: list[dict[str, np.ndarray]], limit: int) -> list[dict[str, Any]]:

@@ -8,20 +8,34 @@ JAX initializes its backend, hence here.
 The 4 devices are threads sharing the machine's cores. When one lags (a loaded 2-core CI
 machine, pytest-xdist), the others wait for it in a collective, and XLA:CPU aborts the
 process once a rendezvous waits longer than its termination timeout ("Termination timeout
-for `all reduce ...` exceeded"; seen as `Fatal Python error: Aborted` in evaluation).
-A lagging fake device is not a bug, so the timeouts are an hour here.
+for `all reduce ...` exceeded"). A lagging fake device is not a bug, so the timeout is 10
+minutes here, far above any lag; longer only hides a deadlock (the aborts once "seen in
+evaluation" were one: eager device adds between the eval steps' all-reduces, fixed in
+`train.evaluate`, which with an hour's timeout hung CI past its limit).
+
+Most of the suite's time is XLA compiling the same tiny networks again and again (every
+pipeline test compiles a teacher and a student step). JAX's persistent compilation cache,
+shared by the pytest-xdist workers and the subprocesses the tests start (they inherit the
+environment), compiles each program once per machine; it changes no result.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=4"
-    + " --xla_cpu_collective_call_terminate_timeout_seconds=3600"
-    + " --xla_cpu_collective_call_warn_stuck_timeout_seconds=3600"
+    + " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+    + " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120"
 ).strip()
+
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), f"idsnn-jax-test-xla-cache-{os.getuid()}"),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import io  # noqa: E402
 import logging

@@ -98,11 +98,7 @@ def _tiny_config():
 )
 def test_study_shares_one_teacher_per_seed(tmp_path):
     """paper_study end to end: the ablation with one shared teacher (trained with its own
-    overrides), a convergence run loading it, the report from the runs' own records.
-
-    No persistent compilation cache here: with it, XLA:CPU (jaxlib 0.10.2) aborted the
-    process now and then while loading cached executables (twice in this test's
-    predecessor, in evaluation, under pytest-xdist)."""
+    overrides), a convergence run loading it, the report from the runs' own records."""
     config = _tiny_config()
     root = tmp_path / "study"
     paper_study.run_study(config, str(root), [0], ["teacher.num_epochs=2"], [(1, 1)])

@@ -24,7 +24,7 @@ def _models():
     student = create_model(
         "spiking_resnet18", num_classes=5, width=0.0625, time_steps=2, bn_axis_name="batch"
     )
-    teacher = create_model("resnet34", num_classes=5, width=0.0625, bn_axis_name="batch")
+    teacher = create_model("resnet18", num_classes=5, width=0.0625, bn_axis_name="batch")
     return student, teacher
 
 

@@ -52,6 +52,27 @@ def test_evaluate_counts_every_example_once():
     assert 0.0 < stem < 1.0
 
 
+def test_evaluate_adds_the_batch_sums_on_the_host_in_float64():
+    """The per-batch sums add up on the host: in float32 on the device, 2**24 + 1 is 2**24
+    (and eager device adds between the eval steps' all-reduces deadlocked XLA:CPU with 4
+    devices under load, hanging CI in evaluation)."""
+    calls = []
+
+    def eval_fn(state, batch):
+        calls.append(batch["image"].shape)
+        big = 2.0**24 if len(calls) == 1 else 1.0
+        return {
+            "loss": jnp.float32(big),
+            "correct": jnp.float32(1),
+            "count": jnp.sum(batch["mask"]),
+        }
+
+    split = Split(np.zeros((16, 2, 2, 1), np.uint8), np.zeros((16,), np.int32))
+    got = train.evaluate(eval_fn, None, split, 8, steps.create_mesh())
+    assert calls == [(8, 2, 2, 1)] * 2
+    assert got == {"accuracy": 2 / 16, "loss": (2.0**24 + 1) / 16}
+
+
 def _ctx(data_dir, workdir, writer_cls=MetricLogger) -> train.RunContext:
     splits = [load_split("fashion_mnist", s, str(data_dir)) for s in ("train", "test")]
     info = dataset_info("fashion_mnist")
