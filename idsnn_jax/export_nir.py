@@ -271,14 +271,14 @@ def export_nir(
 def export_run(workdir: str, out: str, stage: str = "student") -> nir.NIRGraph:
     """Exports the best checkpoint of `<workdir>/<stage>` (a student stage of a pipeline run,
     whose `config.json` rebuilds the model) to the NIR file `out`; returns the graph."""
-    from idsnn_jax import checkpoints, pipeline, plan  # the training stack, only for the CLI
+    from idsnn_jax import checkpoints, plan, resume  # the training stack, only for the CLI
     from idsnn_jax.datasets import dataset_info
 
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"no workdir {workdir!r}")
-    path = os.path.join(workdir, pipeline.CONFIG_FILE)
+    path = os.path.join(workdir, resume.CONFIG_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {pipeline.CONFIG_FILE} in {workdir!r}: not a run's workdir")
+        raise FileNotFoundError(f"no {resume.CONFIG_FILE} in {workdir!r}: not a run's workdir")
     with open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
     info = dataset_info(config.dataset)

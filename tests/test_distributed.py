@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from idsnn_jax import checkpoints, distributed, faults, pipeline
+from idsnn_jax import checkpoints, distributed, faults, resume
 from idsnn_jax import input_pipeline as ip
 from idsnn_jax.configs import tiny
 
@@ -118,7 +118,7 @@ def test_sharded_order_placed_on_devices_keeps_its_values():
 def _started(workdir, record: dict) -> None:
     """A workdir with a saved teacher epoch (placeholder) and `record` as its config.json."""
     os.makedirs(workdir / "teacher" / "1" / "state")
-    (workdir / pipeline.CONFIG_FILE).write_text(json.dumps(record))
+    (workdir / resume.CONFIG_FILE).write_text(json.dumps(record))
 
 
 def test_workdir_records_the_shard_count(tmp_path, monkeypatch):
@@ -126,22 +126,22 @@ def test_workdir_records_the_shard_count(tmp_path, monkeypatch):
     process (another order) is refused unless data_shards=2 is given; a workdir from before
     data_shards existed had 1 shard."""
     config = tiny.get_config()
-    assert config.data_shards == 0 and pipeline.config_record(config)["data_shards"] == 1
+    assert config.data_shards == 0 and resume.config_record(config)["data_shards"] == 1
     with monkeypatch.context() as m:
         m.setattr(jax, "process_count", lambda: 2)
-        _started(tmp_path / "two", pipeline.config_record(config))
+        _started(tmp_path / "two", resume.config_record(config))
     with pytest.raises(ValueError, match=r"refusing to resume it: data_shards: 2 -> 1\. Use"):
-        pipeline.check_workdir(config, str(tmp_path / "two"))
+        resume.check_workdir(config, str(tmp_path / "two"))
     config.data_shards = 2
-    pipeline.check_workdir(config, str(tmp_path / "two"))
+    resume.check_workdir(config, str(tmp_path / "two"))
 
-    old = pipeline.config_record(config)
+    old = resume.config_record(config)
     del old["data_shards"]
     _started(tmp_path / "old", old)
     with pytest.raises(ValueError, match=r"data_shards: 1 -> 2\. Use"):
-        pipeline.check_workdir(config, str(tmp_path / "old"))
+        resume.check_workdir(config, str(tmp_path / "old"))
     config.data_shards = 0
-    pipeline.check_workdir(config, str(tmp_path / "old"))
+    resume.check_workdir(config, str(tmp_path / "old"))
 
 
 # --- Two processes through the CLI ----------------------------------------------------------------

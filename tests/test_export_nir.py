@@ -26,7 +26,7 @@ import pytest
 nir = pytest.importorskip("nir")
 import nir_interpreter  # noqa: E402  (tests/ is on sys.path)
 
-from idsnn_jax import pipeline, plan, steps  # noqa: E402
+from idsnn_jax import plan, resume, steps  # noqa: E402
 from idsnn_jax.checkpoints import StageCheckpoints, load_variables  # noqa: E402
 from idsnn_jax.configs import tiny  # noqa: E402
 from idsnn_jax.datasets import dataset_info  # noqa: E402
@@ -138,8 +138,8 @@ def tiny_run(tmp_path_factory) -> tuple:
     config), with its student model and dataset info."""
     workdir = str(tmp_path_factory.mktemp("run"))
     config = tiny.get_config()
-    with open(os.path.join(workdir, pipeline.CONFIG_FILE), "w") as f:
-        json.dump(pipeline.config_record(config), f)
+    with open(os.path.join(workdir, resume.CONFIG_FILE), "w") as f:
+        json.dump(resume.config_record(config), f)
     info = dataset_info(config.dataset)
     model = plan.build_model(config, "student", info)
     rng = np.random.default_rng(0)

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from idsnn_jax import checkpoints, faults, optim, pipeline
+from idsnn_jax import checkpoints, faults, optim, pipeline, resume
 from idsnn_jax.configs import tiny
 from idsnn_jax.logs import epochs_by_stage, read_records
 
@@ -214,7 +214,7 @@ def test_divergence_keeps_the_last_good_checkpoint(
     assert os.listdir(workdir / "teacher") == ["1"] and not (workdir / "student").exists()
     good = checkpoints.load_variables(str(workdir / "teacher" / "1"))
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(good))
-    assert (workdir / pipeline.DIVERGED_FILE).read_text() == message + "\n"
+    assert (workdir / resume.DIVERGED_FILE).read_text() == message + "\n"
     kept = _files(workdir / "teacher" / "1")
 
     config.optimizer.learning_rate = 0.1  # only lowering it is a repair
@@ -231,14 +231,14 @@ def test_divergence_keeps_the_last_good_checkpoint(
         ("teacher", 2, pytest.approx(0.01)),
         ("student", 1, pytest.approx(0.01)),
     ]
-    assert summary["student_epochs"] == 1 and not (workdir / pipeline.DIVERGED_FILE).exists()
-    assert json.loads((workdir / pipeline.CONFIG_FILE).read_text())["optimizer"][
+    assert summary["student_epochs"] == 1 and not (workdir / resume.DIVERGED_FILE).exists()
+    assert json.loads((workdir / resume.CONFIG_FILE).read_text())["optimizer"][
         "learning_rate"
     ] == pytest.approx(0.01)
     # The run no longer diverged: its learning rate is fixed again.
     config.optimizer.learning_rate = 0.005
     with pytest.raises(ValueError, match=r"optimizer\.learning_rate: 0\.01 -> 0\.005\. Use"):
-        pipeline.check_workdir(config, str(workdir))
+        resume.check_workdir(config, str(workdir))
 
 
 # --- The CLI's one line, and the fault hook's own checks ------------------------------------------

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from idsnn_jax import checkpoints, pipeline, steps, train
+from idsnn_jax import checkpoints, pipeline, resume, steps, train
 from idsnn_jax.configs import tiny
 from idsnn_jax.datasets import dataset_info
 from idsnn_jax.logs import MetricLogger
@@ -350,16 +350,16 @@ def _started_workdir(path, config, stages=("teacher",)) -> None:
     for stage in stages:
         os.makedirs(path / stage / "1" / "state")
         (path / stage / "1" / "state" / "manifest.ocdbt").write_bytes(b"\x00" * 8)
-    (path / pipeline.CONFIG_FILE).write_text(json.dumps(pipeline.config_record(config)))
+    (path / resume.CONFIG_FILE).write_text(json.dumps(resume.config_record(config)))
 
 
 def test_workdir_of_another_config_is_refused(tmp_path):
     old = tiny_config("cifar10", tmp_path / "no_data")
     workdir = tmp_path / "wd"
     _started_workdir(workdir, old)
-    record = json.loads((workdir / pipeline.CONFIG_FILE).read_text())
+    record = json.loads((workdir / resume.CONFIG_FILE).read_text())
     record["retired_key"] = 3  # a key only the old run had
-    (workdir / pipeline.CONFIG_FILE).write_text(json.dumps(record))
+    (workdir / resume.CONFIG_FILE).write_text(json.dumps(record))
     before = _snapshot(workdir)
 
     new = tiny_config("cifar10", tmp_path / "no_data", seed=2, **{"student.neuron.v_th": 0.4})
@@ -390,21 +390,21 @@ def test_workdir_of_another_config_is_refused(tmp_path):
         **{"student.num_epochs": 4, "teacher.num_epochs": 3},
     )
     record.pop("retired_key")
-    (workdir / pipeline.CONFIG_FILE).write_text(json.dumps(record))
-    pipeline.check_workdir(extended, str(workdir))
+    (workdir / resume.CONFIG_FILE).write_text(json.dumps(record))
+    resume.check_workdir(extended, str(workdir))
     # ... but the teacher not once a student has started from it, and no epochs are removed.
     _started_workdir(tmp_path / "wd2", old, stages=("teacher", "student"))
     with pytest.raises(ValueError, match=r"teacher\.num_epochs: 1 -> 3\. Use"):
-        pipeline.check_workdir(extended, str(tmp_path / "wd2"))
+        resume.check_workdir(extended, str(tmp_path / "wd2"))
     longer = tiny_config("cifar10", tmp_path / "no_data", **{"student.num_epochs": 2})
-    pipeline.check_workdir(longer, str(tmp_path / "wd2"))
-    (tmp_path / "wd2" / pipeline.CONFIG_FILE).write_text(json.dumps(pipeline.config_record(longer)))
+    resume.check_workdir(longer, str(tmp_path / "wd2"))
+    (tmp_path / "wd2" / resume.CONFIG_FILE).write_text(json.dumps(resume.config_record(longer)))
     with pytest.raises(ValueError, match=r"student\.num_epochs: 2 -> 1\. Use"):
-        pipeline.check_workdir(old, str(tmp_path / "wd2"))
+        resume.check_workdir(old, str(tmp_path / "wd2"))
     # Nothing to resume (no saved epoch): any config may start there.
     (tmp_path / "fresh").mkdir()
-    (tmp_path / "fresh" / pipeline.CONFIG_FILE).write_text(json.dumps(record))
-    pipeline.check_workdir(new, str(tmp_path / "fresh"))
+    (tmp_path / "fresh" / resume.CONFIG_FILE).write_text(json.dumps(record))
+    resume.check_workdir(new, str(tmp_path / "fresh"))
 
 
 @pytest.mark.parametrize(
@@ -474,7 +474,7 @@ def test_teacher_checkpoint_of_another_model_names_the_path(tmp_path, saved, mes
     )
     if stage == "student":
         written = tiny_config("cifar10", None)
-        (run / pipeline.CONFIG_FILE).write_text(json.dumps(pipeline.config_record(written)))
+        (run / resume.CONFIG_FILE).write_text(json.dumps(resume.config_record(written)))
     before = _snapshot(run)
     with pytest.raises(ValueError, match=message) as err:
         pipeline.run(config, str(tmp_path / "wd"))  # before the (missing) data is read
