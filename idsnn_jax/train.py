@@ -161,7 +161,7 @@ def fit(
         return result
     if history:
         logger.info("[%s] resuming at epoch %d of %d", stage, len(history) + 1, options.num_epochs)
-    train_fn, eval_fn = _compile(ctx, model, tx, options, teacher[0] if teacher else None)
+    train_fn, eval_fns = _compile(ctx, model, tx, options, teacher[0] if teacher else None)
     teacher_variables = steps.replicate(teacher[1] if teacher else {}, ctx.mesh)
     data = steps.device_data(ctx.train_split.images, ctx.train_split.labels, ctx.mesh)
     try:
@@ -170,7 +170,7 @@ def fit(
                 ctx, stage, epoch, options, train_fn, state, data, teacher_variables, saved
             )
             record["lr"] = float(schedule(epoch * steps_per_epoch))
-            test = _test(ctx, eval_fn, state, options, stage, epoch)
+            test = _test(ctx, eval_fns, state, options, stage, epoch)
             record.update({f"test_{k}" if "/" not in k else k: v for k, v in test.items()})
             history.append(record)
             ctx.writer.write(stage, epoch + 1, record)
@@ -191,8 +191,10 @@ def _compile(
     tx: optax.GradientTransformation,
     options: FitOptions,
     teacher: nn.Module | None,
-) -> tuple[steps.TrainLoop, Callable]:
-    """The jitted, sharded train loop and eval step of `model` (distilling from `teacher`)."""
+) -> tuple[steps.TrainLoop, tuple[Callable, Callable]]:
+    """The jitted, sharded train loop of `model` (distilling from `teacher`) and its eval
+    steps: (counting operations if `options.energy`, never counting: for the EMA weights).
+    Each compiles on its first call, so an unused one costs nothing."""
     train_step = steps.make_train_step(
         model,
         tx,
@@ -202,28 +204,30 @@ def _compile(
         augment=options.augment,
         ema_decay=options.ema_decay,
     )
-    eval_step = steps.make_eval_step(model, ctx.info, count_ops=bool(options.energy))
-    return (
-        steps.compile_train_loop(ctx.mesh, steps.make_train_loop(train_step)),
-        steps.compile_eval_step(ctx.mesh, eval_step),
-    )
+    plain = steps.compile_eval_step(ctx.mesh, steps.make_eval_step(model, ctx.info))
+    counting = plain
+    if options.energy:
+        counted = steps.make_eval_step(model, ctx.info, count_ops=True)
+        counting = steps.compile_eval_step(ctx.mesh, counted)
+    return steps.compile_train_loop(ctx.mesh, steps.make_train_loop(train_step)), (counting, plain)
 
 
 def _test(
     ctx: RunContext,
-    eval_fn: Callable,
+    eval_fns: tuple[Callable, Callable],
     state: steps.TrainState,
     options: FitOptions,
     stage: str,
     epoch: int,
 ) -> dict[str, float]:
     """The epoch's evaluation on the whole test split: `evaluate`'s means, the energy of
-    `options.energy`, and the EMA weights' accuracy and loss (`ema_*`) when kept.
-    FloatingPointError when the test loss is not finite (a last step that broke the weights)."""
-    evaluate_on = lambda s: evaluate(
-        eval_fn, s, ctx.test_split, options.eval_batch_size, ctx.mesh, ctx.test_size
+    `options.energy`, and the EMA weights' accuracy and loss (`ema_*`, not counted again)
+    when kept. FloatingPointError when the test loss is not finite (a last step that broke
+    the weights). `eval_fns`: (the eval step counting operations if asked, one never)."""
+    evaluate_on = lambda s, fn: evaluate(
+        fn, s, ctx.test_split, options.eval_batch_size, ctx.mesh, ctx.test_size
     )
-    test = evaluate_on(state)
+    test = evaluate_on(state, eval_fns[0])
     if not math.isfinite(test["loss"]):
         raise FloatingPointError(
             f"[{stage}] test loss is {test['loss']} after epoch {epoch + 1}; lower "
@@ -233,7 +237,7 @@ def _test(
         costs = energy.PRESETS[options.energy]
         test["energy_uj"] = energy.energy_uj(test["macs"], test["sops"], costs)
     if state.ema is not None:
-        averaged = evaluate_on(state.replace(**state.ema))
+        averaged = evaluate_on(state.replace(**state.ema), eval_fns[1])
         test |= {"ema_accuracy": averaged["accuracy"], "ema_loss": averaged["loss"]}
     return test
 

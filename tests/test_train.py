@@ -144,6 +144,27 @@ def test_resume_after_crash_equals_uninterrupted_run(data_fashion_mnist_dir, tmp
     assert resumed.history[1]["lr"] == pytest.approx(lr)
 
 
+def test_ema_weights_are_evaluated_without_counting_operations(
+    data_fashion_mnist_dir, tmp_path, monkeypatch
+):
+    """With energy and EMA on, each epoch counts the weights' operations once (the energy
+    figures) and evaluates the EMA weights with the plain eval step, not counting again."""
+    counted = []
+
+    def spy(eval_fn, state, *args):
+        out = evaluate(eval_fn, state, *args)
+        counted.append("macs" in out)
+        return out
+
+    evaluate = train.evaluate
+    monkeypatch.setattr(train, "evaluate", spy)
+    ctx = _ctx(data_fashion_mnist_dir, tmp_path / "run")
+    result = _fit(ctx, 1, energy="45nm_fp32", ema_decay=0.9)
+    assert counted == [True, False]
+    record = result.history[0]
+    assert record["test_energy_uj"] > 0 and 0 <= record["test_ema_accuracy"] <= 1
+
+
 def test_best_checkpoint_lies_on_the_final_trajectory(
     data_fashion_mnist_dir, tmp_path, monkeypatch
 ):
