@@ -204,11 +204,11 @@ def _compile(
         augment=options.augment,
         ema_decay=options.ema_decay,
     )
-    plain = steps.compile_eval_step(ctx.mesh, steps.make_eval_step(model, ctx.info))
-    counting = plain
-    if options.energy:
-        counted = steps.make_eval_step(model, ctx.info, count_ops=True)
-        counting = steps.compile_eval_step(ctx.mesh, counted)
+    eval_fn = lambda count: steps.compile_eval_step(
+        ctx.mesh, steps.make_eval_step(model, ctx.info, count_ops=count)
+    )
+    plain = eval_fn(False)
+    counting = eval_fn(True) if options.energy else plain
     return steps.compile_train_loop(ctx.mesh, steps.make_train_loop(train_step)), (counting, plain)
 
 
@@ -344,8 +344,8 @@ def _epoch_calls(
     )
     valid = np.arange(indices.shape[0]) < num_steps
     calls = [(indices[s : s + k], valid[s : s + k]) for s in range(0, indices.shape[0], k)]
-    # Done before the first step: eager slices still in flight beside the steps' all-reduces
-    # can deadlock XLA:CPU with several devices (see `evaluate`).
+    # Ready before the first step, a precaution: eager device ops in flight beside the steps'
+    # all-reduces are the pattern that deadlocked XLA:CPU in `evaluate` (not seen here).
     return jax.block_until_ready(calls)
 
 
