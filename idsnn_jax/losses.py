@@ -3,7 +3,7 @@
 `idsnn_loss = CE(z_s, y) + alpha * tau^2 * KL(softmax(z_t / tau) || softmax(z_s / tau))`,
 batch means throughout (PyTorch's `KLDivLoss(reduction="batchmean")`). The teacher's
 logits are wrapped in `stop_gradient`, so the frozen teacher never receives a gradient.
-All losses are computed in float32 whatever the logits' dtype.
+All losses are computed in at least float32 (`precision.wide`).
 
 Beyond the reference (each off by default, `LossOptions`): label smoothing, the TET loss
 (cross-entropy of every time step's logits, Deng et al. 2022, blended with the mean-logit
@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from idsnn_jax.checks import check_fields
+from idsnn_jax.precision import wide
 
 
 def _check_labels(logits: jax.Array, labels: jax.Array) -> None:
@@ -33,7 +34,7 @@ def _check_labels(logits: jax.Array, labels: jax.Array) -> None:
 def _weighted_mean(values: jax.Array, weights: jax.Array | None) -> jax.Array:
     if weights is None:
         return jnp.mean(values)
-    weights = weights.astype(jnp.float32)
+    weights = weights.astype(values.dtype)
     total = jnp.sum(weights)
     # Guard only the all-zero case (e.g. a fully padded batch): a fractional total is valid.
     return jnp.sum(values * weights) / jnp.where(total > 0, total, 1.0)
@@ -52,7 +53,7 @@ def cross_entropy(
     `CrossEntropyLoss(label_smoothing=eps)`).
     """
     _check_labels(logits, labels)
-    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    log_p = jax.nn.log_softmax(wide(logits), axis=-1)
     nll = -jnp.take_along_axis(log_p, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
     if label_smoothing:
         nll = (1 - label_smoothing) * nll - label_smoothing * jnp.mean(log_p, axis=-1)
@@ -71,9 +72,9 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, tau: float = 4
         )
     if not tau > 0:
         raise ValueError(f"tau={tau!r} must be > 0")
-    teacher = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
+    teacher = jax.lax.stop_gradient(wide(teacher_logits))
     log_p_t = jax.nn.log_softmax(teacher / tau, axis=-1)
-    log_p_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / tau, axis=-1)
+    log_p_s = jax.nn.log_softmax(wide(student_logits) / tau, axis=-1)
     kl = jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
     return tau**2 * jnp.mean(kl)
 
@@ -139,7 +140,7 @@ def objective(
     per_step = logits if logits.ndim == 3 else None
     if per_step is None and options.per_step:
         raise ValueError(f"{options} needs per-step logits (T, B, K), got {logits.shape}")
-    mean = logits if per_step is None else jnp.mean(logits.astype(jnp.float32), axis=0)
+    mean = logits if per_step is None else jnp.mean(wide(logits), axis=0)
     loss = cross_entropy(mean, labels, label_smoothing=smooth)
     if options.tet_weight:
         each = jax.vmap(lambda z: cross_entropy(z, labels, label_smoothing=smooth))(per_step)

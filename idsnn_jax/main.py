@@ -43,6 +43,8 @@ def main(argv: list[str]) -> None:
     from idsnn_jax import distributed, faults, pipeline
 
     logging.set_verbosity(logging.WARNING)  # orbax and JAX are chatty at INFO
+    if _CONFIG.value.dtype == "float64":  # before any array exists
+        jax.config.update("jax_enable_x64", True)
     faults.install_stop_handlers()
     try:
         distributed.initialize(

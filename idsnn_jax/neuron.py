@@ -23,6 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from idsnn_jax.precision import wide
+
 
 def _rect(x: jax.Array, width: float) -> jax.Array:
     """STBP rectangle: 1/(2a) inside |x| < a, else 0 (the reference's choice)."""
@@ -147,7 +149,7 @@ def lif_scan(
     check_neuron_args(surrogate=surrogate, surrogate_width=width, v_th=v_th, decay=decay)
     if currents.ndim < 1:
         raise ValueError(f"currents must have a leading time axis, got shape {currents.shape}")
-    x = currents.astype(jnp.promote_types(currents.dtype, jnp.float32))
+    x = wide(currents)
     if packed:
         return _lif_packed(x, float(decay), float(v_th), surrogate, float(width)).astype(
             currents.dtype

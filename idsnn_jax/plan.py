@@ -19,7 +19,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from idsnn_jax import optim, steps
@@ -29,11 +28,10 @@ from idsnn_jax.datasets import DatasetInfo, dataset_info
 from idsnn_jax.input_pipeline import AugmentOptions
 from idsnn_jax.losses import LossOptions
 from idsnn_jax.models import create_model, is_spiking
+from idsnn_jax.precision import DTYPES, compute_dtype
 from idsnn_jax.train import FitOptions
 from idsnn_jax.transfer import transfer_report
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-AUTO_DTYPE = {"gpu": jnp.bfloat16, "tpu": jnp.bfloat16}  # backend -> compute dtype; else float32
 ROLES = ("teacher", "student")
 
 
@@ -105,14 +103,6 @@ def build_model(config: ml_collections.ConfigDict, role: str, info: DatasetInfo)
     )
 
 
-def compute_dtype(name: str) -> Any:
-    """The compute dtype `config.dtype` names: 'auto' is bfloat16 on GPU and TPU (parameters,
-    BatchNorm statistics and membrane potentials stay float32) and float32 on CPU."""
-    if name == "auto":
-        return AUTO_DTYPE.get(jax.default_backend(), jnp.float32)
-    return DTYPES[name]
-
-
 def _fit_options(config: ml_collections.ConfigDict, role: str) -> FitOptions:
     optimizer = from_config(
         optim.OptimizerOptions, config, {name: f"optimizer.{name}" for name in config.optimizer}
@@ -167,6 +157,8 @@ def _check_rules(config: ml_collections.ConfigDict, needs_teacher: bool) -> None
     """The rules that no builder owns."""
     devices = jax.device_count()
     check(config, "dtype", config.dtype in {"auto", *DTYPES}, f"one of {['auto', *DTYPES]}")
+    ok = config.dtype != "float64" or jax.config.jax_enable_x64
+    check(config, "dtype", ok, "64-bit JAX (the CLI turns it on; else JAX_ENABLE_X64=1)")
     for key in ("batch_size", "eval_batch_size"):
         value = get(config, key)
         ok = is_int(value) and value >= 1 and value % devices == 0

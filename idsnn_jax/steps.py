@@ -33,6 +33,7 @@ from idsnn_jax.datasets import DatasetInfo
 from idsnn_jax.input_pipeline import AugmentOptions
 from idsnn_jax.losses import LossOptions, cross_entropy, objective
 from idsnn_jax.models import firing_rates
+from idsnn_jax.precision import wide_dtype
 
 AXIS = "batch"
 Batch = dict[str, jax.Array]
@@ -68,11 +69,13 @@ def create_mesh(devices: list[jax.Device] | None = None) -> Mesh:
 
 
 def init_variables(model: nn.Module, info: DatasetInfo, seed: int) -> dict[str, Any]:
-    """Model variables {'params', 'batch_stats'} for a batch of `info`-shaped images."""
+    """Model variables {'params', 'batch_stats'} for a batch of `info`-shaped images, in the
+    `precision.wide_dtype` of the model's compute dtype (float64 for float64 models)."""
     dummy = jnp.zeros((1, *info.image_shape), jnp.float32)
     init = jax.jit(functools.partial(model.init, train=False))
     variables = init(jax.random.PRNGKey(seed), dummy)
-    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    return jax.tree.map(lambda x: x.astype(wide_dtype(model.dtype)), variables)
 
 
 def create_train_state(
@@ -244,8 +247,9 @@ def make_train_loop(train_step: TrainStep) -> TrainLoop:
 
     def body(state: TrainState, xs: tuple[jax.Array, jax.Array], data: Batch, teacher: Any):
         idx, ok = xs
-        skip = lambda s: (s, {"loss": jnp.zeros(()), "accuracy": jnp.zeros(())})
-        return jax.lax.cond(ok, lambda s: train_step(s, gather(data, idx), teacher), skip, state)
+        step = lambda s: train_step(s, gather(data, idx), teacher)
+        zeros = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), jax.eval_shape(step, state)[1])
+        return jax.lax.cond(ok, step, lambda s: (s, zeros), state)
 
     def loop(state, data, indices, valid, teacher_variables):
         if indices.shape[0] == 1:  # k = 1 is never padding: one plain step

@@ -1,5 +1,5 @@
-"""The plan's own rules: the compute dtype `config.dtype` resolves to on each backend, and the
-per-stage options it builds from the config."""
+"""The plan's own rules: the models `config.dtype` builds on this backend, and the per-stage
+options it builds from the config."""
 
 from __future__ import annotations
 
@@ -20,21 +20,6 @@ CONFIGS = sorted(
     for p in (pathlib.Path(__file__).parents[1] / "configs").glob("*.py")
     if p.stem != "__init__"
 )
-
-
-@pytest.mark.parametrize(
-    "name, backend, expected",
-    [
-        ("auto", "cpu", jnp.float32),
-        ("auto", "gpu", jnp.bfloat16),
-        ("auto", "tpu", jnp.bfloat16),
-        ("float32", "gpu", jnp.float32),
-        ("bfloat16", "cpu", jnp.bfloat16),
-    ],
-)
-def test_compute_dtype(monkeypatch, name, backend, expected):
-    monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    assert plan.compute_dtype(name) == expected
 
 
 def test_auto_dtype_builds_float32_models_on_cpu():

@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from idsnn_jax.precision import wide
+
 BN_EPSILON = 1e-5  # every BatchNorm's epsilon (PyTorch's default)
 ModuleDef = Callable[..., nn.Module]
 
@@ -197,8 +199,8 @@ class Stage(nn.Module):
 class ResNet(nn.Module):
     """CIFAR ResNet over `time_steps` (1 for an ANN; T for a directly encoded SNN).
 
-    `__call__(images (B, H, W, C), train) -> logits (B, num_classes)` in float32. The image
-    is repeated `time_steps` times (direct encoding) and folded into the batch; the head
+    `__call__(images (B, H, W, C), train) -> logits (B, num_classes)`, at least float32. The
+    image is repeated `time_steps` times (direct encoding) and folded into the batch; the head
     averages over H, W and then over time before the Dense layer. With `per_step=True` it
     returns every time step's logits `(T, B, num_classes)`, the Dense layer applied to each
     step's pooled features: being affine, their mean over T is the default output (up to
@@ -278,7 +280,7 @@ class ResNet(nn.Module):
             bias_init=torch_bias_init(x.shape[-1]),
             name="head",
         )
-        return head(x).astype(jnp.float32)
+        return wide(head(x))
 
 
 def stage_width(base: int, width: float) -> int:

@@ -23,6 +23,7 @@ from flax import traverse_util
 
 from idsnn_jax.models.resnet import BasicBlock, Bottleneck, ResNet, torch_default_init
 from idsnn_jax.neuron import check_neuron_args, lif_scan, pack_bits, unpack_bits
+from idsnn_jax.precision import wide
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
@@ -158,7 +159,7 @@ class LIF(nn.Module):
             width=self.surrogate_width,
             packed=self.pack_spikes,
         )
-        per_example = spikes.reshape((self.time_steps, currents.shape[1], -1)).astype(jnp.float32)
+        per_example = wide(spikes.reshape((self.time_steps, currents.shape[1], -1)))
         self.sow("intermediates", "firing_rate", jnp.mean(per_example, axis=(0, 2)))
         return spikes.reshape(x.shape)
 
