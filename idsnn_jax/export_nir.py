@@ -254,10 +254,10 @@ def export_nir(
     return nir.NIRGraph(nodes=g.nodes, edges=g.edges, metadata=_metadata(model, g))
 
 
-def export_run(workdir: str, out: str, stage: str = "student") -> nir.NIRGraph:
-    """Exports the best checkpoint of `<workdir>/<stage>` (a student stage of a pipeline run,
-    whose `config.json` rebuilds the model) to the NIR file `out`; returns the graph."""
-    from idsnn_jax import checkpoints, plan, resume  # the training stack, only for the CLI
+def load_run(workdir: str, stage: str = "student") -> tuple[ml_collections.ConfigDict, Any, Any]:
+    """(config, model, variables) of the best checkpoint of `<workdir>/<stage>` (a student
+    stage of a pipeline run, whose `config.json` rebuilds the model)."""
+    from idsnn_jax import checkpoints, plan, resume  # the training stack, only for runs
     from idsnn_jax.datasets import dataset_info
 
     if not os.path.isdir(workdir):
@@ -267,10 +267,17 @@ def export_run(workdir: str, out: str, stage: str = "student") -> nir.NIRGraph:
         raise FileNotFoundError(f"no {resume.CONFIG_FILE} in {workdir!r}: not a run's workdir")
     with open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
-    info = dataset_info(config.dataset)
-    model = plan.build_model(config, "student", info)
-    variables = checkpoints.load_variables(os.path.join(workdir, stage))
-    graph = export_nir(model, variables, info.image_shape)
+    model = plan.build_model(config, "student", dataset_info(config.dataset))
+    return config, model, checkpoints.load_variables(os.path.join(workdir, stage))
+
+
+def export_run(workdir: str, out: str, stage: str = "student") -> nir.NIRGraph:
+    """Exports the best checkpoint of `<workdir>/<stage>` (`load_run`) to the NIR file `out`;
+    returns the graph."""
+    from idsnn_jax.datasets import dataset_info
+
+    config, model, variables = load_run(workdir, stage)
+    graph = export_nir(model, variables, dataset_info(config.dataset).image_shape)
     nir.write(out, graph)
     return graph
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import json
 import os
 import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 
@@ -36,8 +38,12 @@ import torch  # noqa: E402
 from nir_students import random_variables  # noqa: E402  (tests/ is on sys.path)
 from sklearn.datasets import load_digits  # noqa: E402
 
-from idsnn_jax import nir_consumers  # noqa: E402
+from idsnn_jax import nir_consumers, plan, resume, steps  # noqa: E402
+from idsnn_jax.checkpoints import StageCheckpoints  # noqa: E402
+from idsnn_jax.configs import tiny  # noqa: E402
+from idsnn_jax.datasets import dataset_info, load_split  # noqa: E402
 from idsnn_jax.export_nir import export_nir  # noqa: E402
+from idsnn_jax.input_pipeline import normalize  # noqa: E402
 from idsnn_jax.models import create_model, firing_rates, spiking_resnet  # noqa: E402
 from idsnn_jax.models.resnet import Bottleneck  # noqa: E402
 
@@ -120,3 +126,27 @@ def test_consumer_gives_the_model_logits_and_spikes(case, consumer):
     assert found["argmax"] >= MIN_ARGMAX, found
     assert found["close"] >= MIN_CLOSE, found
     assert found["layers_equal"] == 1.0, found
+
+
+def test_agreement_script_measures_a_saved_run(tmp_path, data_fashion_mnist_dir):
+    """experiments/nir_agreement.py on a saved run of the tiny config (a random student, the
+    tiny IDX test set): one row per consumer, every image and layer in agreement."""
+    import nir_agreement  # experiments/ is on pytest's pythonpath
+
+    config = tiny.get_config()
+    config.data_dir = str(data_fashion_mnist_dir)
+    with open(tmp_path / resume.CONFIG_FILE, "w") as f:
+        json.dump(resume.config_record(config), f)
+    info = dataset_info(config.dataset)
+    images = normalize(load_split(config.dataset, "test", config.data_dir).images, info)
+    model = plan.build_model(config, "student", info)
+    unsynced = model.clone(bn_axis_name=None)  # train-mode BN outside the mesh
+    variables = jax.tree.map(np.float32, random_variables(unsynced, images, seed=0))
+    ckpt = StageCheckpoints(str(tmp_path / "student"))
+    ckpt.save(1, steps.create_train_state(variables, optax.sgd(0.1), seed=0), {}, 0.5)
+    ckpt.close()
+    rows = nir_agreement.measure(str(tmp_path), "student", num_images=len(images), batch=8)
+    assert [r["consumer"] for r in rows] == list(nir_consumers.CONSUMERS)
+    for row in rows:
+        assert row["images"] == len(images)
+        assert row["argmax"] == row["close"] == row["layers_equal"] == 1.0, row
