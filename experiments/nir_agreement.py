@@ -7,8 +7,9 @@ does, written and read back), evaluates the model on the first `--images` test i
 the run's dataset, runs the graph on the same images, in one batch, in each consumer of
 `idsnn_jax.nir_consumers` (snnTorch's `import_from_nir`, Norse's node mapping under nirtorch)
 and prints one markdown row per consumer: argmax agreement, share of images whose logits all
-lie within 1e-3 of the model's, the largest gap, and the share of LIF layers that fired the
-model's number of spikes. Needs the `nir-consumers` extra.
+lie within 1e-3 of the model's, the largest gap, the share of LIF layers that fired the
+model's number of spikes and the largest relative gap of a layer's firing rate (or the error
+of a consumer that cannot run the graph). Needs the `nir-consumers` extra.
 """
 
 from __future__ import annotations
@@ -64,11 +65,15 @@ def measure(workdir: str, stage: str, num_images: int, batch: int) -> list[dict]
     spikes = nir_consumers.model_spikes(rates, graph, model.time_steps)
     rows = []
     for consumer in nir_consumers.CONSUMERS:
-        net = nir_consumers.LOADERS[consumer](graph)
-        chw = images.transpose(0, 3, 1, 2)
-        per_step, counts = nir_consumers.run(net, graph, chw, model.time_steps)
-        found = nir_consumers.agreement(logits, per_step, spikes, counts)
-        rows.append({"consumer": consumer, "images": len(images), **found})
+        row = {"consumer": consumer, "images": len(images)}
+        try:  # a consumer that cannot load or run the graph gets a row saying why
+            net = nir_consumers.LOADERS[consumer](graph)
+            chw = images.transpose(0, 3, 1, 2)
+            per_step, counts = nir_consumers.run(net, graph, chw, model.time_steps)
+        except Exception as err:  # noqa: BLE001  (any consumer-side failure is a result)
+            rows.append({**row, "error": f"{type(err).__name__}: {str(err).splitlines()[0]}"})
+            continue
+        rows.append({**row, **nir_consumers.agreement(logits, per_step, spikes, counts)})
     return rows
 
 
@@ -78,12 +83,18 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     torch.set_num_threads(FLAGS.torch_threads)
     rows = measure(FLAGS.workdir, FLAGS.stage, FLAGS.images, FLAGS.eval_batch)
-    print("| consumer | images | argmax equal | within 1e-3 | max gap | LIF layers equal |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| consumer | images | argmax equal | within 1e-3 | max gap | LIF layers equal | rate gap |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
+        if "error" in r:
+            print(f"| {r['consumer']} | {r['images']} | fails: {r['error'][:60]} | | | | |")
+            continue
         print(
             f"| {r['consumer']} | {r['images']} | {100 * r['argmax']:.1f}% | "
-            f"{100 * r['close']:.1f}% | {r['max_gap']:.2g} | {100 * r['layers_equal']:.0f}% |"
+            f"{100 * r['close']:.1f}% | {r['max_gap']:.2g} | {100 * r['layers_equal']:.0f}% | "
+            f"{r['rate_gap']:.1g} |"
         )
     sys.stdout.flush()
 

@@ -127,14 +127,17 @@ def agreement(
 
     Returns: `argmax` (share of examples with the same top class), `close` (share whose
     logits all lie within atol), `max_gap` (largest |logit difference|), `layers_equal`
-    (share of LIF layers that fired the same number of spikes in all).
+    (share of LIF layers that fired the same number of spikes in all), `rate_gap` (largest
+    relative difference of a layer's spike count, i.e. of its firing rate).
     """
     theirs = per_step.mean(axis=0)
     gap = np.abs(theirs - logits).max(axis=1)
-    equal = [float(np.sum(spikes[name])) == float(np.sum(counts[name])) for name in spikes]
+    ours = {name: float(np.sum(spikes[name])) for name in spikes}
+    diff = {name: abs(float(np.sum(counts[name])) - ours[name]) for name in spikes}
     return {
         "argmax": float(np.mean(theirs.argmax(axis=1) == logits.argmax(axis=1))),
         "close": float(np.mean(gap <= atol)),
         "max_gap": float(gap.max()),
-        "layers_equal": float(np.mean(equal)),
+        "layers_equal": float(np.mean([d == 0 for d in diff.values()])),
+        "rate_gap": max(d / max(ours[name], 1.0) for name, d in diff.items()),
     }

@@ -2,7 +2,8 @@
 `import_from_nir` as shipped, and Norse's node mapping under nirtorch's `nir_to_torch`, run
 the default (float32) export of tiny students on one batch of images. Their output, averaged
 over the time steps, must be the Flax model's eval logits, and every LIF layer must fire the
-model's number of spikes. Standard, SEW, bottleneck and IF (decay = 1) students.
+model's number of spikes (to float32 rounding at the threshold). Standard, SEW, bottleneck
+and IF (decay = 1) students.
 
 The students (`nir_students`: random weights, BN statistics near the data's, every layer
 firing) see 300 of sklearn's 8x8 digits; their head has no bias, so the logits come from
@@ -58,6 +59,10 @@ CASES = {
 # What each consumer must reach (the issue's bar): argmax agreement, share of images whose
 # logits all lie within ATOL of the model's.
 MIN_ARGMAX, MIN_CLOSE, ATOL = 0.99, 0.98, 1e-3
+# Spikes a layer may gain or lose in all: float32 rounds the consumers' scaled potential and
+# the model's apart, so a potential within ~1e-7 of the threshold may flip (none here; one in
+# 300k on a trained student). A wrong convention moves thousands.
+MAX_FLIPS = 2
 _SNNTORCH_IF = pytest.mark.xfail(
     raises=TypeError,
     strict=True,
@@ -125,7 +130,8 @@ def test_consumer_gives_the_model_logits_and_spikes(case, consumer):
     print(f"{case} in {consumer}: {found}")  # the README's table (pytest -s)
     assert found["argmax"] >= MIN_ARGMAX, found
     assert found["close"] >= MIN_CLOSE, found
-    assert found["layers_equal"] == 1.0, found
+    flips = {n: abs(counts[n].sum() - student.spikes[n].sum()) for n in student.spikes}
+    assert max(flips.values()) <= MAX_FLIPS, flips
 
 
 def test_agreement_script_measures_a_saved_run(tmp_path, data_fashion_mnist_dir):
