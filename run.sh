@@ -26,7 +26,7 @@ check_python() {
 prepare_env() {  # .venv with the package and the test tools; torch/nir extras when present
   [ -x .venv/bin/python ] || { say "creating .venv"; python3 -m venv .venv; }
   local extras="dev,nir"
-  .venv/bin/python -c 'import torch' 2>/dev/null && extras="$extras,torch"
+  .venv/bin/python -c 'import torch' 2>/dev/null && extras="$extras,torch,nir-consumers"
   say "installing idsnn-jax[$extras] into .venv (quick when already there)"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".[$extras]"

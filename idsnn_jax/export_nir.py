@@ -8,24 +8,22 @@ NIR has no BatchNorm, so each tdBN (its running statistics, eps 1e-5) is folded 
 conv before it: one `nir.Conv2d` with a bias. Arrays are float32 (`dtype` to change it).
 
 How to read the graph (also in its metadata):
-  - Channels first, no batch axis. The `input` node takes one normalized image (C, H, W)
-    (dataset mean/std applied); direct encoding feeds the same image at each of the
-    `time_steps` steps, of `dt` = 1 each.
+  - Channels first, no batch axis in NIR's shapes (consumers add a leading one). The `input`
+    node takes one normalized image (C, H, W) (dataset mean/std applied); direct encoding
+    feeds the same image at each of the `time_steps` steps, of `dt` each.
   - A node's input is the sum of its predecessors' outputs at the same step (no delays).
     Residual additions are edges: a block's last LIF node has two predecessors, the branch
     (conv+BN) and the shortcut (the block input, or the folded 1x1 projection). In a SEW
     block the sum comes after the LIF, so the block's output is a set of nodes whose spikes
     every consumer receives.
-  - Each step, the nodes run in topological order. A `nir.LIF` node with potential v (0 before
-    the first step) integrates by forward Euler, v <- v + (dt/tau)(v_leak - v + r I), fires
-    z = v > v_threshold, then resets v <- v_reset where z. With tau = dt / (1 - decay),
-    r = 1 / (1 - decay), v_leak = 0, v_reset = 0 the integration is v <- decay v + I, so the
-    node computes our `u[t] = decay u[t-1] (1 - s[t-1]) + x[t]`, `s[t] = u[t] > v_th`: the
-    reset after step t-1 zeroes the potential that step t decays. decay = 1 exports `nir.IF`
-    (r = 1: v <- v + I).
-  - The head is AvgPool2d over the whole map -> Flatten -> Affine, so `output` gives
-    per-step logits. NIR cannot express the mean over time: the model's logits are the mean
-    of `output` over the `time_steps` steps (the Affine commutes with it, so this is exact).
+  - Each step, the nodes run in topological order. LIF and IF nodes are stepped by forward
+    Euler at `dt`, fire z = v > v_threshold, then reset v <- v_reset where z; their
+    parameters (`nir_neurons`) make that the model's neuron, in the conventions snnTorch and
+    Norse read.
+  - The head is AvgPool2d over the whole map -> Flatten (dims -3..-1, so a batch axis in
+    front stays) -> Affine, so `output` gives per-step logits. NIR cannot express the mean
+    over time: the model's logits are the mean of `output` over the `time_steps` steps (the
+    Affine commutes with it, so this is exact).
 """
 
 from __future__ import annotations
@@ -44,8 +42,8 @@ from absl import app, flags, logging
 
 from idsnn_jax.models.resnet import BN_EPSILON, BasicBlock, Bottleneck, ResNet
 from idsnn_jax.models.spiking_resnet import LIF
+from idsnn_jax.nir_neurons import neuron_metadata, neuron_node
 
-DT = 1.0  # the exported length of one time step
 # Block class -> (convs in its main branch, the 1-based index of the one carrying the stride).
 _BLOCKS = {BasicBlock: (2, 1), Bottleneck: (3, 2)}
 
@@ -107,19 +105,8 @@ class _GraphBuilder:
         return self.add(name, node, x, node.output_type["output"])
 
     def lif(self, name: str, x: _Value) -> _Value:
-        """A LIF layer over `x` (see the module docstring for the parameter choice)."""
-        full = lambda value: np.full(x.shape, value, self.dtype)
-        if self.decay == 1.0:
-            node = nir.IF(r=full(1.0), v_threshold=full(self.v_th), v_reset=full(0.0))
-        else:
-            node = nir.LIF(
-                tau=full(DT / (1.0 - self.decay)),
-                r=full(1.0 / (1.0 - self.decay)),
-                v_leak=full(0.0),
-                v_threshold=full(self.v_th),
-                v_reset=full(0.0),
-            )
-        return self.add(name, node, x, x.shape)
+        """A LIF layer over `x` (`nir_neurons.neuron_node`: nir.LIF, or nir.IF at decay 1)."""
+        return self.add(name, neuron_node(self.decay, self.v_th, x.shape, self.dtype), x, x.shape)
 
 
 def fold_batch_norm(
@@ -199,7 +186,8 @@ def _head(g: _GraphBuilder, params: Mapping, x: _Value) -> None:
     window = np.array([height, width])
     pool = nir.AvgPool2d(kernel_size=window, stride=window, padding=np.array([0, 0]))
     x = g.add("head.avgpool", pool, x, (channels, 1, 1))
-    flat = nir.Flatten(input_type={"input": np.array([channels, 1, 1])}, start_dim=0)
+    # Dims counted from the end: torch's Flatten(-3, -1) keeps a leading batch axis.
+    flat = nir.Flatten(input_type={"input": np.array([channels, 1, 1])}, start_dim=-3)
     x = g.add("head.flatten", flat, x, (channels,))
     kernel, bias = np.asarray(params["kernel"]), np.asarray(params["bias"])
     affine = nir.Affine(weight=kernel.T.astype(g.dtype), bias=bias.astype(g.dtype))
@@ -211,14 +199,12 @@ def _metadata(model: ResNet, g: _GraphBuilder) -> dict[str, Any]:
     """What a reader needs beyond the nodes: time step, encoding, readout, step order."""
     return {
         "source": "idsnn_jax.export_nir",
-        "dt": DT,
+        **neuron_metadata(g.decay, g.v_th),
         "time_steps": int(model.time_steps),
-        "decay": g.decay,
-        "v_th": g.v_th,
         "encoding": "direct: feed the same normalized (C, H, W) image at every time step",
         "readout": "the model's logits are the mean of output over the time_steps steps",
         "step_order": "each step, nodes in topological order, each on the sum of its "
-        "predecessors' outputs; LIF: integrate (Euler), fire if v > v_threshold, reset",
+        "predecessors' outputs; LIF/IF: integrate (Euler at dt), fire if v > v_threshold, reset",
     }
 
 
@@ -268,10 +254,10 @@ def export_nir(
     return nir.NIRGraph(nodes=g.nodes, edges=g.edges, metadata=_metadata(model, g))
 
 
-def export_run(workdir: str, out: str, stage: str = "student") -> nir.NIRGraph:
-    """Exports the best checkpoint of `<workdir>/<stage>` (a student stage of a pipeline run,
-    whose `config.json` rebuilds the model) to the NIR file `out`; returns the graph."""
-    from idsnn_jax import checkpoints, plan, resume  # the training stack, only for the CLI
+def load_run(workdir: str, stage: str = "student") -> tuple[ml_collections.ConfigDict, Any, Any]:
+    """(config, model, variables) of the best checkpoint of `<workdir>/<stage>` (a student
+    stage of a pipeline run, whose `config.json` rebuilds the model)."""
+    from idsnn_jax import checkpoints, plan, resume  # the training stack, only for runs
     from idsnn_jax.datasets import dataset_info
 
     if not os.path.isdir(workdir):
@@ -281,10 +267,17 @@ def export_run(workdir: str, out: str, stage: str = "student") -> nir.NIRGraph:
         raise FileNotFoundError(f"no {resume.CONFIG_FILE} in {workdir!r}: not a run's workdir")
     with open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
-    info = dataset_info(config.dataset)
-    model = plan.build_model(config, "student", info)
-    variables = checkpoints.load_variables(os.path.join(workdir, stage))
-    graph = export_nir(model, variables, info.image_shape)
+    model = plan.build_model(config, "student", dataset_info(config.dataset))
+    return config, model, checkpoints.load_variables(os.path.join(workdir, stage))
+
+
+def export_run(workdir: str, out: str, stage: str = "student") -> nir.NIRGraph:
+    """Exports the best checkpoint of `<workdir>/<stage>` (`load_run`) to the NIR file `out`;
+    returns the graph."""
+    from idsnn_jax.datasets import dataset_info
+
+    config, model, variables = load_run(workdir, stage)
+    graph = export_nir(model, variables, dataset_info(config.dataset).image_shape)
     nir.write(out, graph)
     return graph
 

@@ -4,9 +4,9 @@ output) for standard, SEW and bottleneck Spiking ResNets; the CLI rebuilds a sav
 
 Comparisons run in float64 (`jax.enable_x64`, float64 export): the folded BN and the NIR
 Euler step round differently from the model, and in float32 a potential within rounding of
-the threshold could flip a spike. BN statistics and affine parameters are random and the
-firing rate of every layer is checked to lie strictly between 0 and 1, so folding, spikes
-and resets all matter.
+the threshold could flip a spike. BN statistics and affine parameters are random (`nir_students`)
+and the firing rate of every layer is checked to lie strictly between 0 and 1, so folding,
+spikes and resets all matter.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import pytest
 
 nir = pytest.importorskip("nir")
 import nir_interpreter  # noqa: E402  (tests/ is on sys.path)
+from nir_students import random_variables  # noqa: E402
 
 from idsnn_jax import plan, resume, steps  # noqa: E402
 from idsnn_jax.checkpoints import StageCheckpoints, load_variables  # noqa: E402
@@ -34,6 +35,7 @@ from idsnn_jax.export_nir import export_nir, export_run  # noqa: E402
 from idsnn_jax.models import create_model, firing_rates, spiking_resnet  # noqa: E402
 from idsnn_jax.models.resnet import Bottleneck  # noqa: E402
 from idsnn_jax.neuron import lif_scan  # noqa: E402
+from idsnn_jax.nir_neurons import IF_DT, LIF_DT  # noqa: E402
 
 T, B, H, CLASSES = 2, 4, 8, 5
 _KW = {"num_classes": CLASSES, "width": 0.0625, "time_steps": T, "dtype": jnp.float64}
@@ -47,43 +49,6 @@ CASES = {
 }
 
 
-def _random_leaf(path, leaf, rng: np.random.Generator, v_th: float) -> np.ndarray:
-    """A kernel ~ N(0, 1/fan_in), a BN scale ~ v_th * U(0.7, 1.4), a bias ~ N(0, 0.1^2)."""
-    name = path[-1].key
-    if name == "kernel":
-        return rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-    if name == "scale":
-        return v_th * rng.uniform(0.7, 1.4, leaf.shape)
-    return 0.1 * rng.standard_normal(leaf.shape)
-
-
-def _random_stat(path, leaf, rng: np.random.Generator) -> np.ndarray:
-    """0.1 * a batch statistic -> the statistic, the mean shifted, the variance times
-    U(0.6, 1.5)."""
-    if path[-1].key == "var":
-        return 10 * leaf * rng.uniform(0.6, 1.5, leaf.shape)
-    return 10 * leaf + 0.2 * rng.standard_normal(leaf.shape)
-
-
-def _randomize(model, images: jax.Array, seed: int) -> dict:
-    """Random variables whose BN running statistics lie near the batch statistics of `images`
-    (so neurons fire in every layer), far from mean 0 / var 1. No `model.init`: its traced
-    initializers cost more than the whole rest of the test."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, x: _random_leaf(p, x, rng, model.bn_scale_init), shapes["params"]
-    )
-    zeros = jax.tree.map(lambda x: np.zeros(x.shape), shapes["batch_stats"])
-    # Train mode normalizes with batch statistics; the update keeps 0.1 of them (momentum 0.9).
-    train = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))
-    _, updated = train({"params": params, "batch_stats": zeros}, images)
-    stats = jax.tree_util.tree_map_with_path(
-        lambda p, x: _random_stat(p, np.asarray(x), rng), updated["batch_stats"]
-    )
-    return {"params": params, "batch_stats": stats}
-
-
 def _roundtrip(graph, tmp_path):
     path = os.path.join(tmp_path, "model.nir")
     nir.write(path, graph)
@@ -95,7 +60,7 @@ def test_exported_graph_computes_the_model_logits(case, tmp_path):
     with jax.enable_x64(True):
         model = CASES[case]()
         images = jax.random.normal(jax.random.PRNGKey(1), (B, H, H, 3), jnp.float64)
-        variables = _randomize(model, images, seed=2)
+        variables = random_variables(model, images, seed=2)
         evaluate = functools.partial(model.apply, train=False, mutable=["intermediates"])
         logits, state = jax.jit(evaluate)(variables, images)
         rates = {k: float(v.mean()) for k, v in firing_rates(state["intermediates"]).items()}
@@ -103,7 +68,8 @@ def test_exported_graph_computes_the_model_logits(case, tmp_path):
     assert all(0 < r < 1 for r in rates.values()), rates
     lif_nodes = {k for k, n in graph.nodes.items() if isinstance(n, (nir.LIF, nir.IF))}
     assert lif_nodes == {k.replace("/", ".") for k in rates}
-    assert graph.metadata["time_steps"] == T and graph.metadata["dt"] == 1.0
+    assert graph.metadata["time_steps"] == T
+    assert graph.metadata["dt"] == (IF_DT if case.endswith("_if") else LIF_DT)
     x = np.broadcast_to(np.asarray(images).transpose(0, 3, 1, 2), (T, B, 3, H, H))
     per_step = nir_interpreter.run(graph, x, dt=graph.metadata["dt"])
     np.testing.assert_allclose(per_step.mean(axis=0), logits, rtol=1e-4, atol=1e-5)
@@ -120,7 +86,7 @@ def test_lif_node_resets_then_decays():
     currents = [0.6, 0.4, 0.45, 0.0]
     v, spikes = np.zeros(node.r.shape), []
     for c in currents:
-        v, s = nir_interpreter.neuron_step(node, v, np.full(v.shape, c), dt=1.0)
+        v, s = nir_interpreter.neuron_step(node, v, np.full(v.shape, c), dt=LIF_DT)
         spikes.append(float(s.reshape(-1)[0]))
     assert spikes == [1.0, 0.0, 1.0, 0.0]
     assert spikes == lif_scan(jnp.array(currents), decay=0.25, v_th=0.5).tolist()
