@@ -83,18 +83,21 @@ def stage_steps(
     mesh: Mesh | AbstractMesh,
     *,
     steps_per_call: int = 1,
+    train_rows: int | None = None,
 ) -> tuple[Step, Step]:
     """(train loop, eval step) of stage `role` ('teacher' or 'student') of `config`, as
     `train.fit` compiles them on `mesh`, with abstract arguments: the state and teacher
-    variables replicated, the whole training split of `SPLIT_SIZES` on every device (uint8),
-    `steps_per_call` batches of `config.batch_size` indices, one eval batch of
-    `config.eval_batch_size`. The student's stage distils when `config.distill`."""
+    variables replicated, `train_rows` training images on every device (uint8; default the
+    whole split of `SPLIT_SIZES`, as `fit` holds it), `steps_per_call` batches of
+    `config.batch_size` indices, one eval batch of `config.eval_batch_size`. The student's
+    stage distils when `config.distill`."""
     run = plan.build_plan(config)
     if role not in run.fit_options:  # a teacher given as a checkpoint trains no stage
         raise ValueError(f"config trains no {role!r} stage; stages: {sorted(run.fit_options)}")
     options = run.fit_options[role]
     teacher = run.models["teacher"] if role == "student" and config.distill else None
     n_train = SPLIT_SIZES[config.dataset][0]
+    rows = train_rows or n_train
     steps_per_epoch = input_pipeline.num_train_steps(n_train, options.batch_size)
     tx, _ = optim.create_optimizer(options.optimizer, steps_per_epoch, options.num_epochs)
     train_step = steps.make_train_step(
@@ -114,8 +117,8 @@ def stage_steps(
     teacher_vars = _abstract(run.abstract_variables["teacher"] if teacher else {}, mesh, P())
     n, k, image = mesh.size, steps_per_call, run.info.image_shape
     data = {
-        "image": jax.ShapeDtypeStruct((n * n_train, *image), jnp.uint8),
-        "label": jax.ShapeDtypeStruct((n * n_train,), jnp.int32),
+        "image": jax.ShapeDtypeStruct((n * rows, *image), jnp.uint8),
+        "label": jax.ShapeDtypeStruct((n * rows,), jnp.int32),
     }
     indices = jax.ShapeDtypeStruct((k, options.batch_size), jnp.int32)
     valid = jax.ShapeDtypeStruct((k,), jnp.bool_)
