@@ -423,11 +423,10 @@ def main(argv: list[str]) -> None:
     out = flags.FLAGS.out
     kept = measured_rows(out) if flags.FLAGS.resume else []
     done = {row_key(r) for r in kept}
-    rows = kept + run(
-        settings_from_flags(Settings(), {"tiny": TINY}),
-        done,
-        lambda new: write_json(kept + new, out),
-    )
+    s = settings_from_flags(Settings(), {"tiny": TINY})
+    rows = kept + run(s, done, lambda new: write_json(kept + new, out))
+    order = {g: i for i, g in enumerate(groups(s))}  # resumed rows back in the grid's order
+    rows.sort(key=lambda r: order.get(Group(*row_key(r)[:4]), len(order)))
     write_outputs(rows, out)
     print(f"wrote {out} (.md, .png)")
 
