@@ -169,6 +169,10 @@ def recipe_rows(s: Settings, rows: list[dict]) -> list[dict]:
     return out
 
 
+FUSED = (
+    "fused: the steps compiled for this CPU (XLA:CPU's fusion, not XLA:GPU's; XLA:CPU computes "
+    "bfloat16 convolutions and dots in float32, so these overstate what a GPU moves)"
+)
 _PCT = f"{ACHIEVABLE['fraction']:.0%}"
 STEP_COLUMNS = [
     ("stage", lambda r: r["stage"]),
@@ -206,7 +210,7 @@ def run(s: Settings) -> dict:
     return {
         "estimate": "on paper: XLA cost analysis and datasheet peaks, no GPU measured",
         "flops_from": "HLO cost analysis of the steps lowered for CUDA (before any pass)",
-        "bytes_from": "fused: the steps compiled for this CPU" if s.compile_cpu else "unfused",
+        "bytes_from": FUSED if s.compile_cpu else "unfused: the same analysis",
         "hardware": H100,
         "achievable": ACHIEVABLE,
         "epochs": epochs,
@@ -226,14 +230,16 @@ def report(result: dict) -> str:
         "",
         f"- Every figure is an **estimate** ({result['estimate']}); "
         "`experiments/gpu_run.sh` measures on a GPU.",
-        f"- FLOPs: {result['flops_from']}. Bytes: {result['bytes_from']} "
-        "(XLA:CPU's fusion, not XLA:GPU's; 'unfused' counts every op's operands and result).",
+        f"- FLOPs: {result['flops_from']}. Bytes: {result['bytes_from']}; 'unfused' counts "
+        "every op's operands and result as memory traffic.",
         f"- Peaks: {hw['bf16_flops_per_s'] / 1e12:.1f} TFLOP/s bfloat16 dense, "
         f"{hw['hbm_bytes_per_s'] / 1e12:.2f} TB/s HBM ({hw['source']}).",
         f"- Time = max(FLOPs / peak, bytes / bandwidth) at 100%, and that over "
         f"{frac['fraction']:.0%} ({frac['source']}).",
         f"- Recipe: {epochs['teacher']} teacher + {epochs['student']} student epochs, each "
         "a pass over 50,000 training images and an evaluation of 10,000.",
+        f"- Made by `python experiments/gpu_estimate.py` (settings in the JSON) with jax "
+        f"{result['machine']['jax']} on {result['machine']['cpus']} CPU cores.",
         "",
         "## Per step (one GPU)",
         "",

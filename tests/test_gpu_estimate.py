@@ -65,7 +65,7 @@ def test_outputs_are_labelled_estimates(tiny):
     with open(out) as f:
         saved = json.load(f)
     assert saved["estimate"].startswith("on paper") and "datasheet" in saved["hardware"]["source"]
-    assert saved["bytes_from"] == "unfused" and len(saved["steps"]) == 4
+    assert saved["bytes_from"].startswith("unfused") and len(saved["steps"]) == 4
     with open(out.replace(".json", ".md")) as f:
         text = f.read()
     assert text.startswith("# Estimate, not a measurement")
