@@ -172,3 +172,11 @@ def test_inspect_reads_each_op_and_problems_name_them():
         "1 unknown custom_call lapack_sgesdd_ffi",
         "1 float64 type(s)",
     ]
+
+
+def test_an_op_without_a_cuda_lowering_fails_the_check():
+    """LAPACK's Schur decomposition: JAX lowers it for CPUs only."""
+    schur = jax.jit(lambda x: jax.lax.linalg.schur(x)[0])
+    _, problems = gl.check(gl.Step("schur", schur, (jax.ShapeDtypeStruct((4, 4), jnp.float32),)))
+    assert len(problems) == 1 and problems[0].startswith("no cuda lowering"), problems
+    assert "schur" in problems[0]
