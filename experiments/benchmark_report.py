@@ -101,10 +101,12 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def write_json(rows: list[dict], out: str) -> None:
-    """`out`: the rows as JSON (its folder made if needed)."""
+    """`out`: the rows as JSON (its folder made if needed), replaced whole: a run killed while
+    writing leaves the previous file, not half of the new one."""
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
+    with open(out + ".tmp", "w") as f:
         json.dump(rows, f, indent=1)
+    os.replace(out + ".tmp", out)
 
 
 def write_outputs(rows: list[dict], out: str) -> None:

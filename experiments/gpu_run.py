@@ -212,7 +212,8 @@ def bench_cmd(mode: Mode, out: str, seconds: float, first: bool) -> list[str]:
     grid = {**mode.bench, **(mode.first or {})} if first else mode.bench
     args = [f"--{k}" if v is True else f"--{k}={v}" for k, v in grid.items()]
     args += [f"--out={out}", f"--deadline_s={max(seconds - GRACE_S, 1)}"]
-    return [sys.executable, os.path.join(HERE, "benchmark.py"), *args, *["--resume"][first:]]
+    resume = [] if first else ["--resume"]
+    return [sys.executable, os.path.join(HERE, "benchmark.py"), *args, *resume]
 
 
 def recipe_cmd(mode: Mode, data_dir: str, workdir: str) -> list[str]:
@@ -263,8 +264,9 @@ def _environment_phase() -> dict:
 class Run:
     """The run's record (`run.json`, rewritten after every phase) and its clock."""
 
-    def __init__(self, mode: str, budget_s: float, env: dict, out: str):
-        self.start, self.budget_s, self.out = time.perf_counter(), budget_s, out
+    def __init__(self, mode: str, budget_s: float, env: dict, out: str, start: float):
+        """`start`: the run's `time.perf_counter()` at its start; phase 1 counts too."""
+        self.start, self.budget_s, self.out = start, budget_s, out
         self.log = os.path.join(out, "log.txt")
         self.record = {"mode": mode, "budget_s": budget_s, "out": out, "env": env, "phases": []}
         self.cache = os.path.join(tempfile.gettempdir(), "idsnn-gpu-run-xla-cache")
@@ -330,12 +332,13 @@ def main(argv: list[str]) -> None:
     if _ENV.value:
         print(json.dumps(environment()))
         return
+    start = time.perf_counter()
     name = "dry_run" if _DRY_RUN.value else "quick" if _QUICK.value else "full"
     mode = MODES[name]
     env = _environment_phase()
     out = _OUT.value or os.path.join(HERE, "results", "gpu", gpu_slug(env))
     os.makedirs(out, exist_ok=True)
-    run = Run(name, _BUDGET.value or mode.budget_s, env, out)
+    run = Run(name, _BUDGET.value or mode.budget_s, env, out, start)
     print(f"[gpu_run] {name} on {env.get('device_kind')} ({env.get('backend')}), out {out}")
     if mode.need_gpu and env.get("backend") != "gpu":
         run.record["error"] = "no GPU visible to JAX: is its CUDA plugin installed?"

@@ -19,7 +19,7 @@
 #   bash experiments/gpu_run.sh --fetch               # where PyPI is reachable: wheels -> .whl/
 #   bash experiments/gpu_run.sh [--out=DIR]           # on the GPU: everything, <= 8 minutes
 #   bash experiments/gpu_run.sh --quick [--out=DIR]   # a rerun: main benchmark group, 1 epoch
-#   bash experiments/gpu_run.sh --dry_run [--out=DIR] # on a CPU: tiny sizes, all but the GPU
+#   bash experiments/gpu_run.sh --dry-run [--out=DIR] # on a CPU: tiny sizes, all but the GPU
 # DIR (default experiments/results/gpu/<the GPU's name>) gets run.json, benchmark.{json,md,png},
 # recipe.json and log.txt; --budget_s=S changes the time limit.
 set -euo pipefail
@@ -44,4 +44,4 @@ if [[ -n "$missing" ]]; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
 fi
 export PYTHONPATH="$site:$PWD/experiments${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-"$PYTHON" experiments/gpu_run.py "$@"
+"$PYTHON" experiments/gpu_run.py "${@//--dry-run/--dry_run}" # absl spells it --dry_run

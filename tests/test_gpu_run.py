@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import gpu_run  # experiments/ is on pytest's pythonpath (pyproject.toml)
 import numpy as np
@@ -37,7 +38,8 @@ def test_phase_outcomes(tmp_path):
 
 
 def test_a_phase_without_enough_time_is_skipped(tmp_path):
-    run = gpu_run.Run("quick", budget_s=gpu_run.RESERVE_S + 10, env={}, out=str(tmp_path))
+    start = time.perf_counter()
+    run = gpu_run.Run("quick", gpu_run.RESERVE_S + 10, env={}, out=str(tmp_path), start=start)
     result = run.phase("bench", 100, lambda seconds: pytest.fail("must not run"))
     assert result["status"].startswith("skipped")
     with open(tmp_path / "run.json") as f:
