@@ -34,6 +34,7 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from idsnn_jax import input_pipeline, optim, plan, steps
+from idsnn_jax.train import FitOptions
 
 PLATFORM_BACKENDS = {"cuda": "gpu", "rocm": "gpu", "tpu": "tpu", "cpu": "cpu"}  # jax.export names
 SPLIT_SIZES = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000)}  # (train, test) images
@@ -77,6 +78,25 @@ def _abstract(tree: Any, mesh: Mesh | AbstractMesh, spec: P) -> Any:
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
+def _batches(
+    mesh: Mesh | AbstractMesh, image: tuple[int, ...], rows: int, k: int, options: FitOptions
+) -> tuple[tuple, dict]:
+    """Abstract (data, indices, valid) of the train loop (`rows` uint8 images on every
+    device, `k` batches of `options.batch_size` indices) and an eval batch, sharded as
+    `train.fit` places them."""
+    sds, n = jax.ShapeDtypeStruct, mesh.size
+    data = {"image": sds((n * rows, *image), jnp.uint8), "label": sds((n * rows,), jnp.int32)}
+    train = (
+        _abstract(data, mesh, P(steps.AXIS)),
+        _abstract(sds((k, options.batch_size), jnp.int32), mesh, P(None, steps.AXIS)),
+        _abstract(sds((k,), jnp.bool_), mesh, P()),
+    )
+    b = options.eval_batch_size
+    evaluation = {"image": sds((b, *image), jnp.uint8), "label": sds((b,), jnp.int32)}
+    evaluation["mask"] = sds((b,), jnp.float32)
+    return train, _abstract(evaluation, mesh, P(steps.AXIS))
+
+
 def stage_steps(
     config: ml_collections.ConfigDict,
     role: str,
@@ -94,14 +114,13 @@ def stage_steps(
     run = plan.build_plan(config)
     if role not in run.fit_options:  # a teacher given as a checkpoint trains no stage
         raise ValueError(f"config trains no {role!r} stage; stages: {sorted(run.fit_options)}")
-    options = run.fit_options[role]
+    options, model = run.fit_options[role], run.models[role]
     teacher = run.models["teacher"] if role == "student" and config.distill else None
     n_train = SPLIT_SIZES[config.dataset][0]
-    rows = train_rows or n_train
     steps_per_epoch = input_pipeline.num_train_steps(n_train, options.batch_size)
     tx, _ = optim.create_optimizer(options.optimizer, steps_per_epoch, options.num_epochs)
     train_step = steps.make_train_step(
-        run.models[role],
+        model,
         tx,
         run.info,
         teacher=teacher,
@@ -110,34 +129,15 @@ def stage_steps(
         ema_decay=options.ema_decay,
     )
     loop = steps.compile_train_loop(mesh, steps.make_train_loop(train_step))
-    eval_step = steps.make_eval_step(run.models[role], run.info, count_ops=bool(options.energy))
-    evaluate = steps.compile_eval_step(mesh, eval_step)
+    eval_step = steps.make_eval_step(model, run.info, count_ops=bool(options.energy))
     make_state = lambda v: steps.create_train_state(v, tx, 0, ema=options.ema_decay > 0)
     state = _abstract(jax.eval_shape(make_state, run.abstract_variables[role]), mesh, P())
     teacher_vars = _abstract(run.abstract_variables["teacher"] if teacher else {}, mesh, P())
-    n, k, image = mesh.size, steps_per_call, run.info.image_shape
-    data = {
-        "image": jax.ShapeDtypeStruct((n * rows, *image), jnp.uint8),
-        "label": jax.ShapeDtypeStruct((n * rows,), jnp.int32),
-    }
-    indices = jax.ShapeDtypeStruct((k, options.batch_size), jnp.int32)
-    valid = jax.ShapeDtypeStruct((k,), jnp.bool_)
-    b = options.eval_batch_size
-    batch = {
-        "image": jax.ShapeDtypeStruct((b, *image), jnp.uint8),
-        "label": jax.ShapeDtypeStruct((b,), jnp.int32),
-        "mask": jax.ShapeDtypeStruct((b,), jnp.float32),
-    }
-    train_args = (
-        state,
-        _abstract(data, mesh, P(steps.AXIS)),
-        _abstract(indices, mesh, P(None, steps.AXIS)),
-        _abstract(valid, mesh, P()),
-        teacher_vars,
-    )
+    rows = train_rows or n_train
+    train, batch = _batches(mesh, run.info.image_shape, rows, steps_per_call, options)
     return (
-        Step(f"{role}/train", loop, train_args),
-        Step(f"{role}/eval", evaluate, (state, _abstract(batch, mesh, P(steps.AXIS)))),
+        Step(f"{role}/train", loop, (state, *train, teacher_vars)),
+        Step(f"{role}/eval", steps.compile_eval_step(mesh, eval_step), (state, batch)),
     )
 
 
