@@ -3,13 +3,16 @@
 Cases: `teacher` (the ResNet34 teacher's own step, CE) and `idsnn` (Spiking ResNet18 student,
 KD against a frozen ResNet34 teacher forward), over T, batch, dtype and the memory variants of
 `create_model` (`remat`, `pack_spikes`, both; the teacher has no spikes, so it gets only the
-variants without `pack_spikes`). Our step is the one training runs (`idsnn_jax.steps`:
+variants without `pack_spikes`), and steps per dispatch (`--steps_per_call=1,8`: a row each).
+Our step is the one training runs (`idsnn_jax.steps`:
 augmentation, forward(s), backward, cross-device mean, SGD) on random uint8 data, compiled
 once (`.lower().compile()`, whose `memory_analysis()` and `cost_analysis()` give per-device
 memory and FLOPs). With `--torch`, the PyTorch baseline (`torch_reference.py`, the reference
 code's structure, loaded with the same weights, given normalized float images) is timed in
 the same process, alternating with ours (k steps each, repeated) so each ratio comes from one
-run. Every timed step is blocked on. Writes `--out` (JSON rows), and `.md` and `.png` beside.
+run. Every timed step is blocked on. Writes `--out` (JSON rows, after every group), and `.md`
+and `.png` beside. `--deadline_s` leaves groups that would end past it unmeasured (rows
+'skipped: deadline'); `--resume` keeps the measured rows of `--out` and measures the others.
 
   python experiments/benchmark.py --width=0.25 --time_steps=1,2,4,6 --batch=16 \
       --dtypes=float32 --variants=default,both --torch --out=experiments/results/benchmark_cpu.json
@@ -21,18 +24,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import json
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from benchmark_report import markdown, write_outputs  # beside this script
+from benchmark_report import markdown, write_json, write_outputs  # beside this script
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -46,6 +50,7 @@ VARIANTS = {
     "both": {"remat": True, "pack_spikes": True},
 }
 CASES = {"teacher": "resnet34", "idsnn": "spiking_resnet18"}  # case -> the trained model
+SKIPPED = "skipped: deadline"  # the error of a row whose group was not started in time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,11 +67,12 @@ class Settings:
     num_classes: int = 100
     steps: int = 10  # timed units (dispatches) per contender, after 2 warm-up units
     chunk: int = 5  # units per turn when alternating ours / torch
-    steps_per_call: int = 1  # our train steps per dispatch (`config.steps_per_call`)
+    steps_per_call: tuple[int, ...] = (1,)  # our steps per dispatch (`config.steps_per_call`)
     torch: bool = False
     torch_compile: bool = False
     torch_threads: int = 0  # torch's CPU threads; 0: its default (one per core)
     matmul_n: int = 0  # side of the peak-FLOP/s matmul; 0: 2048 on CPU, 8192 on GPU
+    deadline_s: float = 0.0  # start no group that would end past this (seconds; 0: no limit)
 
     def __post_init__(self) -> None:
         known = {"cases": CASES, "variants": VARIANTS, "dtypes": ("float32", "bfloat16")}
@@ -157,17 +163,17 @@ def _init(name: str, num_classes: int, width: float, image: tuple[int, ...], see
     return steps.init_variables(model, _info(num_classes, image), seed)
 
 
-def build_ours(s: Settings, g: Group, variant: str, variables: tuple, mesh) -> Contender:
+def build_ours(s: Settings, g: Group, variant: str, k: int, variables: tuple, mesh) -> Contender:
     """Our compiled train loop (`steps.make_train_loop`, what `train.fit` runs: batches
-    gathered on the device, `steps_per_call` steps per dispatch) on `variables = (student,
-    teacher)` and a random uint8 split of `steps_per_call` batches held on the devices."""
+    gathered on the device, `k` steps per dispatch) on `variables = (student, teacher)` and a
+    random uint8 split of `k` batches held on the devices."""
     model, teacher = _flax_models(s, g, variant)
     tx, _ = optim.create_optimizer(optim.OptimizerOptions(), steps_per_epoch=1, num_epochs=1)
     step = steps.make_train_step(model, tx, _info(s.num_classes, s.image), teacher=teacher)
     train_fn = steps.compile_train_loop(mesh, steps.make_train_loop(step))
     state = steps.replicate(steps.create_train_state(variables[0], tx, 0), mesh)
     teacher_vars = steps.replicate(variables[1], mesh)
-    k, rng = s.steps_per_call, np.random.default_rng(0)
+    rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (k * g.batch, *s.image), dtype=np.uint8)
     data = steps.device_data(images, rng.integers(0, s.num_classes, k * g.batch), mesh)
     order = np.arange(k * g.batch, dtype=np.int32).reshape(k, g.batch)
@@ -270,21 +276,40 @@ def _device_peak_bytes() -> int | None:
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
-def measure_group(s: Settings, g: Group, mesh, peak: dict) -> list[dict]:
-    """Rows of one group: each variant of ours, alternating with torch (same weights).
+def _ours(s: Settings, g: Group) -> list[tuple[str, int]]:
+    """(variant, steps per call) of each of our rows in group `g`; the teacher has no spikes,
+    so it gets only the variants without `pack_spikes`."""
+    variants = (v for v in s.variants if g.case == "idsnn" or v in ("default", "remat"))
+    return list(itertools.product(variants, s.steps_per_call))
 
-    Variants are warmed up one after another, each row's `device_peak_bytes` read after its
-    own warm-up: a process-wide high-water mark, exact only where it grows."""
+
+def _row(s: Settings, g: Group, variant: str, k: int, **facts) -> dict:
+    """What every row of ours says about itself."""
+    return {
+        **g._asdict(),
+        "variant": variant,
+        "steps_per_call": k,
+        "width": s.width,
+        "image": s.image,
+        **facts,
+    }
+
+
+def measure_group(s: Settings, g: Group, mesh, peak: dict, ours: list | None = None) -> list[dict]:
+    """Rows of one group: each (variant, steps per call) in `ours` (default: all, `_ours`),
+    alternating with torch (same weights).
+
+    Ours are warmed up one after another, each row's `device_peak_bytes` read after its own
+    warm-up: a process-wide high-water mark, exact only where it grows."""
     variables = (_init(CASES[g.case], s.num_classes, s.width, s.image, 0), {})
     if g.case == "idsnn":
         variables = (variables[0], _init("resnet34", s.num_classes, s.width, s.image, 1))
     rows, contenders = {}, {}
-    for variant in (v for v in s.variants if g.case == "idsnn" or v in ("default", "remat")):
-        c, error = _ready(lambda v=variant: build_ours(s, g, v, variables, mesh))
+    for key in _ours(s, g) if ours is None else ours:
+        c, error = _ready(lambda key=key: build_ours(s, g, *key, variables, mesh))
         facts = {**(c.facts if c else {}), "device_peak_bytes": _device_peak_bytes()}
-        row = {**g._asdict(), "variant": variant, "width": s.width, "image": s.image}
-        rows[variant] = {**row, "error": error, **facts}
-        contenders[variant] = c
+        rows[key] = _row(s, g, *key, error=error, **facts)
+        contenders[key] = c
     extra = {}
     if s.torch:
         contenders["torch"], extra["torch_error"] = _ready(lambda: build_torch(s, g, variables))
@@ -294,19 +319,13 @@ def measure_group(s: Settings, g: Group, mesh, peak: dict) -> list[dict]:
         read = facts.pop("torch_memory", None)
         extra.update(facts, torch_max_memory_bytes=read() if read else None)
         extra.update(_speed(times.pop("torch"), 1, g.batch, "torch_"))
-    return [
-        _finish(row, times.get(v), s.steps_per_call, g.batch, extra, peak[g.dtype])
-        for v, row in rows.items()
-    ]
+    return [_finish(row, times.get(k), g.batch, extra, peak[g.dtype]) for k, row in rows.items()]
 
 
-def _finish(
-    row: dict, times: list[float] | None, steps_per_unit: int, batch: int, extra: dict, peak: dict
-) -> dict:
+def _finish(row: dict, times: list[float] | None, batch: int, extra: dict, peak: dict) -> dict:
     """Adds speed, FLOP/s (and its fraction of the matmul peak), the torch ratio, machine."""
-    row["steps_per_call"] = steps_per_unit
     if times:
-        row.update(_speed(times, steps_per_unit, batch))
+        row.update(_speed(times, row["steps_per_call"], batch))
         if row.get("flops"):
             row["flops_per_s"] = row["flops"] / row["step_s_median"]
             row["peak_fraction"] = row["flops_per_s"] / (peak["flops_per_s"] * row["devices"])
@@ -316,55 +335,105 @@ def _finish(
     return {**row, "matmul_peak": peak, "machine": machine()}
 
 
-def run(s: Settings) -> list[dict]:
-    """All rows: cases x dtypes x batches x T (the teacher has no T), variants within."""
+def groups(s: Settings) -> list[Group]:
+    """Every group, in the order measured: cases x dtypes x batches x T (the teacher has no T)."""
+    return [
+        Group(case, t, batch, dtype)
+        for case, dtype, batch in itertools.product(s.cases, s.dtypes, s.batch)
+        for t in (s.time_steps if case == "idsnn" else (None,))
+    ]
+
+
+def row_key(row: dict) -> tuple:
+    """What identifies a row: its group's fields, variant and steps per call."""
+    return (*(row[name] for name in Group._fields), row["variant"], row["steps_per_call"])
+
+
+def run(
+    s: Settings, done: Iterable[tuple] = (), on_rows: Callable[[list[dict]], None] | None = None
+) -> list[dict]:
+    """The rows not in `done` (`row_key`s), group by group, with torch timed again in each
+    group that has one; `on_rows(rows so far)` after each group. With `s.deadline_s`, a group
+    that would end past it (judged by the longest group so far) is not started: its rows say
+    'skipped: deadline'."""
+    start, longest, done = time.perf_counter(), 0.0, set(done)
     mesh = steps.create_mesh()
     n = s.matmul_n or (2048 if jax.default_backend() == "cpu" else 8192)
     peak = {dtype: matmul_peak(n, dtype) for dtype in s.dtypes}
-    rows = []
-    for case, dtype, batch in itertools.product(s.cases, s.dtypes, s.batch):
-        for t in s.time_steps if case == "idsnn" else (None,):
-            group = measure_group(s, Group(case, t, batch, dtype), mesh, peak)
-            print(markdown(group, header=not rows), flush=True)
-            rows += group
+    rows: list[dict] = []
+    for g in groups(s):
+        ours = [key for key in _ours(s, g) if (*g, *key) not in done]
+        if not ours:
+            continue
+        began = time.perf_counter()
+        if s.deadline_s and began - start + longest > s.deadline_s:
+            skip = {"error": SKIPPED, "machine": machine()}
+            group = [_row(s, g, *key, **skip) for key in ours]
+        else:
+            group = measure_group(s, g, mesh, peak, ours)
+            longest = max(longest, time.perf_counter() - began)
+        print(markdown(group, header=not rows), flush=True)
+        rows += group
+        if on_rows:
+            on_rows(rows)
     return rows
 
 
-def _define_flags() -> None:
-    flags.DEFINE_enum("preset", None, ["tiny"], "Start from a preset (tiny: the CI smoke test).")
-    flags.DEFINE_string(
-        "out", "experiments/results/benchmark.json", "JSON path (.md, .png beside)."
+def define_flags(defaults: Any, presets: dict[str, Any], out: str) -> None:
+    """--preset (a name in `presets`), --out (default `out`) and one flag per field of the
+    frozen dataclass instance `defaults`, named as the field (lists for tuples). Shared by the
+    experiment scripts that take a `Settings` dataclass."""
+    flags.DEFINE_enum(
+        "preset", None, list(presets), "Start from a preset (tiny: the CI smoke test)."
     )
-    for field in dataclasses.fields(Settings):
-        default = getattr(Settings(), field.name)
+    flags.DEFINE_string("out", out, "JSON path (.md beside).")
+    for field in dataclasses.fields(defaults):
+        default = getattr(defaults, field.name)
         if isinstance(default, tuple):
             flags.DEFINE_list(field.name, [str(v) for v in default], f"Settings.{field.name}")
         else:
-            define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer}.get(type(default))
-            (define or flags.DEFINE_float)(field.name, default, f"Settings.{field.name}")
+            define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, str: flags.DEFINE_string}
+            define.get(type(default), flags.DEFINE_float)(
+                field.name, default, f"Settings.{field.name}"
+            )
 
 
-def settings_from_flags() -> Settings:
-    """The preset (or the defaults) with every flag given on the command line applied."""
-    base = TINY if flags.FLAGS.preset == "tiny" else Settings()
+def settings_from_flags(defaults: Any, presets: dict[str, Any]) -> Any:
+    """The preset (or `defaults`) with every flag given on the command line applied."""
+    base = presets.get(flags.FLAGS.preset, defaults)
     changes = {}
-    for field in dataclasses.fields(Settings):
+    for field in dataclasses.fields(defaults):
         if flags.FLAGS[field.name].present:
-            value, default = flags.FLAGS[field.name].value, getattr(Settings(), field.name)
+            value, default = flags.FLAGS[field.name].value, getattr(defaults, field.name)
             kind = type(default[0]) if isinstance(default, tuple) else None
             changes[field.name] = tuple(kind(v) for v in value) if kind else value
     return dataclasses.replace(base, **changes)
 
 
+def measured_rows(path: str) -> list[dict]:
+    """The rows of an earlier run's JSON at `path` that were measured (none if absent)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [r for r in json.load(f) if r.get("error") != SKIPPED]
+
+
 def main(argv: list[str]) -> None:
     del argv
-    rows = run(settings_from_flags())
-    write_outputs(rows, flags.FLAGS.out)
-    print(f"wrote {flags.FLAGS.out} (.md, .png)")
+    out = flags.FLAGS.out
+    kept = measured_rows(out) if flags.FLAGS.resume else []
+    done = {row_key(r) for r in kept}
+    s = settings_from_flags(Settings(), {"tiny": TINY})
+    rows = kept + run(s, done, lambda new: write_json(kept + new, out))
+    order = {g: i for i, g in enumerate(groups(s))}  # resumed rows back in the grid's order
+    rows.sort(key=lambda r: order.get(Group(*row_key(r)[:4]), len(order)))
+    write_outputs(rows, out)
+    print(f"wrote {out} (.md, .png)")
 
 
 if __name__ == "__main__":
     # JAX must not take 75% of the GPU up front: the PyTorch baseline shares the device.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    _define_flags()
+    define_flags(Settings(), {"tiny": TINY}, "experiments/results/benchmark.json")
+    flags.DEFINE_bool("resume", False, "Keep the measured rows of --out; measure the others.")
     app.run(main)

@@ -15,7 +15,8 @@ def _ms(row: dict, prefix: str = "") -> str:
     return "{:.1f} [{:.1f}, {:.1f}]".format(*values)
 
 
-def _num(value: float | None, scale: float = 1.0, fmt: str = "{:.1f}") -> str:
+def num(value: float | None, scale: float = 1.0, fmt: str = "{:.1f}") -> str:
+    """`value / scale` in `fmt`, or '-' for None."""
     return "-" if value is None else fmt.format(value / scale)
 
 
@@ -25,25 +26,29 @@ COLUMNS: list[tuple[str, Callable[[dict], str]]] = [
     ("batch", lambda r: str(r["batch"])),
     ("dtype", lambda r: r["dtype"]),
     ("variant", lambda r: r["variant"]),
+    ("k", lambda r: str(r["steps_per_call"])),
     ("step ms median [min, max]", _ms),
-    ("img/s", lambda r: _num(r.get("images_per_s"))),
-    ("GFLOP/s", lambda r: _num(r.get("flops_per_s"), 1e9)),
-    ("% matmul peak", lambda r: _num(r.get("peak_fraction"), 0.01)),
-    ("compiled MiB", lambda r: _num(r.get("compiled_peak_bytes"), 2**20)),
-    ("device peak MiB", lambda r: _num(r.get("device_peak_bytes"), 2**20)),
+    ("img/s", lambda r: num(r.get("images_per_s"))),
+    ("GFLOP/s", lambda r: num(r.get("flops_per_s"), 1e9)),
+    ("% matmul peak", lambda r: num(r.get("peak_fraction"), 0.01)),
+    ("compiled MiB", lambda r: num(r.get("compiled_peak_bytes"), 2**20)),
+    ("device peak MiB", lambda r: num(r.get("device_peak_bytes"), 2**20)),
     ("torch ms median [min, max]", lambda r: _ms(r, "torch_")),
-    ("torch img/s", lambda r: _num(r.get("torch_images_per_s"))),
-    ("torch MiB", lambda r: _num(r.get("torch_max_memory_bytes"), 2**20)),
-    ("ours/torch", lambda r: _num(r.get("ours_vs_torch"), fmt="{:.2f}x")),
+    ("torch img/s", lambda r: num(r.get("torch_images_per_s"))),
+    ("torch MiB", lambda r: num(r.get("torch_max_memory_bytes"), 2**20)),
+    ("ours/torch", lambda r: num(r.get("ours_vs_torch"), fmt="{:.2f}x")),
     ("note", lambda r: r.get("error") or r.get("torch_error") or ""),
 ]
 
 
-def markdown(rows: list[dict], header: bool = True) -> str:
-    """The rows as a markdown table (with its header line unless `header=False`)."""
-    lines = ["| " + " | ".join(fn(r) for _, fn in COLUMNS) + " |" for r in rows]
+def markdown(
+    rows: list[dict], header: bool = True, columns: list[tuple[str, Callable]] = COLUMNS
+) -> str:
+    """The rows as a markdown table of `columns` (name, row -> cell text), with its header
+    line unless `header=False`."""
+    lines = ["| " + " | ".join(fn(r) for _, fn in columns) + " |" for r in rows]
     if header:
-        names = [name for name, _ in COLUMNS]
+        names = [name for name, _ in columns]
         lines = ["| " + " | ".join(names) + " |", "|---" * len(names) + "|", *lines]
     return "\n".join(lines)
 
@@ -56,7 +61,8 @@ def _series(rows: list[dict]) -> dict[str, dict]:
         tag, t = f"{r['case']} b{r['batch']} {r['dtype']}", r["time_steps"]
         if r.get("images_per_s"):
             point = (r["images_per_s"], r["compiled_peak_bytes"])
-            out.setdefault(f"{tag} {r['variant']}", {})[t] = point
+            k = f" k={r['steps_per_call']}" if r["steps_per_call"] != 1 else ""
+            out.setdefault(f"{tag} {r['variant']}{k}", {})[t] = point
         if r.get("torch_images_per_s"):
             point = (r["torch_images_per_s"], r.get("torch_max_memory_bytes"))
             out.setdefault(f"torch {tag} ({r['torch_mode']})", {})[t] = point
@@ -94,12 +100,19 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def write_json(rows: list[dict], out: str) -> None:
+    """`out`: the rows as JSON (its folder made if needed), replaced whole: a run killed while
+    writing leaves the previous file, not half of the new one."""
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".tmp", "w") as f:
+        json.dump(rows, f, indent=1)
+    os.replace(out + ".tmp", out)
+
+
 def write_outputs(rows: list[dict], out: str) -> None:
     """`out` (JSON rows), and the markdown table and the plot beside it (.md, .png)."""
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    write_json(rows, out)
     stem = os.path.splitext(out)[0]
-    with open(out, "w") as f:
-        json.dump(rows, f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(markdown(rows) + "\n")
     plot(rows, stem + ".png")

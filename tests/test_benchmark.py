@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import benchmark  # experiments/ is on pytest's pythonpath (pyproject.toml)
 import numpy as np
@@ -88,3 +89,39 @@ def test_speed_is_per_train_step():
     speed = benchmark._speed([2.0, 4.0, 3.0], steps_per_unit=2, batch=8)
     assert speed["step_s_median"] == 1.5 and speed["step_s_min"] == 1.0
     assert speed["step_s_max"] == 2.0 and speed["images_per_s"] == pytest.approx(8 / 1.5)
+
+
+def test_a_group_that_would_end_past_the_deadline_is_skipped(monkeypatch):
+    """The first group is measured; the next would end past the deadline (judged by the
+    longest group so far), so its rows say so; the last is done already; `on_rows` sees the
+    rows after each group."""
+
+    def measure(s, g, mesh, peak, ours):
+        time.sleep(0.05)
+        return [benchmark._row(s, g, v, k, error=None) for v, k in ours]
+
+    monkeypatch.setattr(benchmark, "measure_group", measure)
+    monkeypatch.setattr(benchmark, "matmul_peak", lambda n, dtype: {"flops_per_s": 1.0})
+    s = benchmark.Settings(
+        cases=("idsnn",), time_steps=(1, 2, 3), batch=(4,), dtypes=("float32",),
+        variants=("default",), steps_per_call=(1, 8), deadline_s=0.04,
+    )  # fmt: skip
+    seen = []
+    done = [("idsnn", 3, 4, "float32", "default", k) for k in (1, 8)]
+    rows = benchmark.run(s, done, on_rows=lambda so_far: seen.append(len(so_far)))
+    assert [(r["time_steps"], r["steps_per_call"], r["error"]) for r in rows] == [
+        (1, 1, None), (1, 8, None), (2, 1, benchmark.SKIPPED), (2, 8, benchmark.SKIPPED)
+    ]  # fmt: skip
+    assert seen == [2, 4]
+
+
+def test_resume_keeps_only_measured_rows(tmp_path):
+    measured = {"case": "idsnn", "time_steps": 4, "batch": 64, "dtype": "bfloat16", "error": None}
+    measured |= {"variant": "both", "steps_per_call": 8}
+    skipped = {**measured, "time_steps": 6, "error": benchmark.SKIPPED}
+    out = str(tmp_path / "bench.json")
+    assert benchmark.measured_rows(out) == []
+    benchmark.write_json([measured, skipped], out)
+    kept = benchmark.measured_rows(out)
+    assert kept == [measured]
+    assert benchmark.row_key(kept[0]) == ("idsnn", 4, 64, "bfloat16", "both", 8)
