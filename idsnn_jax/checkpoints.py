@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 METRIC = "test_accuracy"
+PARTIAL_DIR = "partial"  # in a stage directory: the state of an epoch stopped midway
 
 
 def _rank(metrics: dict[str, float]) -> tuple[float, int]:
@@ -44,25 +45,56 @@ def _manager(directory: str, keep: int, *, create: bool = True) -> ocp.Checkpoin
     options = ocp.CheckpointManagerOptions(
         best_fn=_rank, best_mode="max", preservation_policy=policy, create=create
     )
-    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+    return ocp.CheckpointManager(directory, options=options, item_handlers=_handlers())
+
+
+def _partial_manager(directory: str, *, create: bool = True) -> ocp.CheckpointManager:
+    """The manager of `<stage>/PARTIAL_DIR`: the one newest mid-epoch state."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=create)
+    return ocp.CheckpointManager(directory, options=options, item_handlers=_handlers())
+
+
+def _handlers() -> dict[str, ocp.CheckpointHandler]:
+    return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
 
 
 class StageCheckpoints:
-    """The checkpoint manager of one training stage (newest `keep` epochs + the best)."""
+    """The checkpoint manager of one training stage (newest `keep` epochs + the best), and the
+    state of an epoch stopped midway (`save_partial`), in `<stage>/PARTIAL_DIR`."""
 
     def __init__(self, directory: str, *, keep: int = 2) -> None:
         self.directory = os.path.abspath(directory)
         self.manager = _manager(self.directory, keep)
 
     def restore_latest(self, target: Any) -> tuple[Any, dict[str, Any]] | None:
-        """`(state, meta)` of the newest epoch, restored onto `target`'s structure and
-        shardings, or None when the stage has none yet."""
-        return self._restore(self.manager.latest_step(), target)
+        """`(state, meta)` of the newest epoch, or of the epoch stopped midway after it (its
+        meta has `steps_done`), restored onto `target`'s structure and shardings; None when
+        the stage has neither yet."""
+        epoch = self._restore(self.manager, self.manager.latest_step(), target)
+        partial = None
+        if os.path.isdir(self.partial_directory):
+            with _partial_manager(self.partial_directory, create=False) as manager:
+                partial = self._restore(manager, manager.latest_step(), target)
+        done = lambda restored: len(restored[1]["history"])
+        if partial is not None and (epoch is None or done(partial) >= done(epoch)):
+            return partial  # a stale one (an epoch saved since) is older than `epoch`
+        return epoch
+
+    @property
+    def partial_directory(self) -> str:
+        return os.path.join(self.directory, PARTIAL_DIR)
+
+    def save_partial(self, state: Any, meta: dict[str, Any]) -> None:
+        """Saves the state of an epoch stopped midway (meta: its `history` of finished epochs,
+        `steps_done` and their `metrics`) and waits until it is written; replaces the last."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        with _partial_manager(self.partial_directory) as manager:
+            manager.save(int(jax.device_get(state.step)), args=args, force=True)
+            manager.wait_until_finished()
 
     def restore_best(self, target: Any) -> tuple[Any, dict[str, Any]] | None:
         """`(state, meta)` of the best-accuracy epoch, or None."""
-        return self._restore(self.manager.best_step(), target)
+        return self._restore(self.manager, self.manager.best_step(), target)
 
     def save(self, epoch: int, state: Any, meta: dict[str, Any], test_accuracy: float) -> None:
         """Saves `state` after `epoch` (1-based; greater than every saved epoch)."""
@@ -74,11 +106,14 @@ class StageCheckpoints:
         self.manager.wait_until_finished()
         self.manager.close()
 
-    def _restore(self, step: int | None, target: Any) -> tuple[Any, dict[str, Any]] | None:
+    @staticmethod
+    def _restore(
+        manager: ocp.CheckpointManager, step: int | None, target: Any
+    ) -> tuple[Any, dict[str, Any]] | None:
         if step is None:
             return None
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        restored = self.manager.restore(
+        restored = manager.restore(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()

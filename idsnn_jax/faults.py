@@ -2,20 +2,24 @@
 
 A run may die anywhere (SIGKILL, a lost machine); the checkpoints make a rerun of the same
 command end exactly where an uninterrupted run would (README "Faults and preemption").
-SIGTERM and SIGINT, what schedulers send before they preempt, stop it more gently: the CLI
-installs `install_stop_handlers`, whose handler only records the signal; the training loop
-calls `point` at a few safe places (after each train dispatch, after an epoch's checkpoint
-was started, at the end of a stage, after a student's transfer), which raises `Preempted`
-once a signal was recorded. `train.fit` waits for the pending checkpoint save on the way out
-and the CLI prints the exception's one line and exits with 128 + the signal's number. A
-second signal while stopping gets the handler that was there before (Python's: SIGINT
-raises KeyboardInterrupt, SIGTERM kills).
+SIGTERM and SIGINT, what schedulers send before they preempt, stop it more gently: the
+training loop calls `point` at a few safe places (after each train dispatch, after an
+epoch's checkpoint was started, at the end of a stage, after a student's transfer), and
+`point` returns the stop signal once one arrived; the loop then saves where it is (a
+dispatch: the state mid-epoch) and raises `Preempted`, whose one line the CLI prints before
+exiting with 128 + the signal's number.
+
+One process: `install_stop_handlers` records SIGTERM/SIGINT in Python. Several processes
+(`jax.distributed`): JAX's preemption service owns SIGTERM (it catches it on any process and
+makes every process agree on one safe point, `multihost_utils.reached_preemption_sync_point`),
+so all of them stop at the same dispatch; SIGINT is forwarded to it as SIGTERM. A second
+signal while stopping gets the handler that was there before (Python's: SIGINT raises
+KeyboardInterrupt, SIGTERM kills).
 
 The same points let tests fault the run deterministically: `IDSNN_FAULT=<point>:<n>` sends
 SIGKILL to this process the n-th time (1-based, counted from process start) it reaches
 the point named `<point>` (`train_call`, `save`, `stage_end` or `transfer`);
-`IDSNN_FAULT=<point>:<n>:TERM` (or `:INT`) sends that signal instead. Unset, `point` costs a
-dictionary lookup.
+`IDSNN_FAULT=<point>:<n>:TERM` (or `:INT`) sends that signal instead.
 """
 
 from __future__ import annotations
@@ -25,13 +29,17 @@ import os
 import signal
 from typing import Any
 
+import jax
+from jax.experimental import multihost_utils
+
 ENV = "IDSNN_FAULT"
 POINTS = ("train_call", "save", "stage_end", "transfer")
 _SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "INT": signal.SIGINT}
 
 _hits: collections.Counter[str] = collections.Counter()
-_stop: list[int] = []  # the signal that asked the run to stop (at most one)
+_stop: list[int] = []  # the signal that asked this process to stop (at most one)
 _previous: dict[int, Any] = {}
+_points = 0  # safe points passed: the step id every process gives JAX's preemption sync
 
 
 class Preempted(Exception):
@@ -43,8 +51,10 @@ class Preempted(Exception):
 
 
 def install_stop_handlers() -> None:
-    """SIGTERM and SIGINT ask the run to stop at the next `point` (main thread only)."""
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    """SIGTERM and SIGINT ask the run to stop at the next `point` (main thread only). Call it
+    after `jax.distributed` is started: with several processes SIGTERM stays JAX's."""
+    signums = (signal.SIGTERM, signal.SIGINT) if jax.process_count() == 1 else (signal.SIGINT,)
+    for signum in signums:
         _previous[signum] = signal.signal(signum, _handle)
 
 
@@ -52,27 +62,31 @@ def _handle(signum: int, frame: Any) -> None:
     if not _stop:
         _stop.append(signum)
     signal.signal(signum, _previous.get(signum, signal.SIG_DFL))  # a second one is not gentle
+    if jax.process_count() > 1:  # JAX's preemption service tells every process
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
-def point(name: str, stage: str, epoch: int, saved: int) -> None:
-    """A safe place to stop: raises `Preempted` if a stop signal arrived (and fires the
-    `IDSNN_FAULT` fault set for `name`, if any). `epoch` (1-based) is the one in progress in
-    `stage`, `saved` the stage's newest checkpointed epoch (0: none yet; `saved == epoch`
-    once that epoch's save was started, which `train.fit` waits for before it returns)."""
+def point(name: str) -> int | None:
+    """A safe place to stop: the stop signal (SIGTERM or SIGINT) once one arrived, agreed by
+    every process (all stop at the same point), else None. Fires the `IDSNN_FAULT` fault set
+    for `name`, if any, first."""
+    global _points
     spec = os.environ.get(ENV)
     if spec:
         _inject(spec, name)
-    if not _stop:
-        return
-    signame = signal.Signals(_stop[0]).name
-    if saved == epoch:
-        where, resume = f"after epoch {epoch}", f"resume after epoch {epoch}, its last checkpoint"
-    elif saved:
-        where, resume = f"epoch {epoch}", f"resume from the checkpoint of epoch {saved}"
-    else:
-        where, resume = f"epoch {epoch}", "resume (the stage has no checkpoint yet: it restarts)"
-    raise Preempted(
-        _stop[0],
+    _points += 1
+    if jax.process_count() == 1:
+        return _stop[0] if _stop else None
+    if multihost_utils.reached_preemption_sync_point(_points):
+        return _stop[0] if _stop else signal.SIGTERM
+    return None
+
+
+def stopped(signum: int, stage: str, where: str, resume: str) -> Preempted:
+    """The `Preempted` of a stop in `stage` at `where`, saying what the rerun resumes from."""
+    signame = signal.Signals(signum).name
+    return Preempted(
+        signum,
         f"interrupted by {signame} in stage {stage}, {where}: rerun the same command to {resume}",
     )
 

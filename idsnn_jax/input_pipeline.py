@@ -76,6 +76,7 @@ def epoch_indices(
     epoch: int,
     num_shards: int = 1,
     process_count: int = 1,
+    first_step: int = 0,
     steps_multiple: int = 1,
     sharding: jax.sharding.Sharding | None = None,
 ) -> jax.Array:
@@ -92,8 +93,9 @@ def epoch_indices(
     An entry is the example's row in the data of the process that holds its shard (process p
     of `process_count` holds shards p*S/P .. (p+1)*S/P - 1): its shard's place there times n,
     plus its place in the shard. Devices are ordered by process, so each process's slice of
-    a global batch lies in its own shards. Rows of zeros pad the steps to a multiple of
-    `steps_multiple` (for loops of that many steps; `num_train_steps` counts the real ones).
+    a global batch lies in its own shards. Only the steps from `first_step` on are returned
+    (an epoch resumed midway), and rows of zeros pad them to a multiple of `steps_multiple`
+    (for loops of that many steps; `num_train_steps` counts the real ones).
     `sharding` places the result (e.g. each device's slice of every batch: `P(None, 'batch')`).
     """
     if num_shards < 1 or global_batch_size % num_shards or num_shards % process_count:
@@ -115,7 +117,8 @@ def epoch_indices(
         order = order[:, : steps * per_shard].reshape(num_shards, steps, per_shard)
         order += (shards % (num_shards // process_count) * size)[:, None, None]
         order = order.transpose(1, 0, 2).reshape(steps, global_batch_size).astype(jnp.int32)
-        return jnp.pad(order, ((0, -steps % steps_multiple), (0, 0)))
+        order = order[first_step:]
+        return jnp.pad(order, ((0, -len(order) % steps_multiple), (0, 0)))
 
     return jax.jit(draw, out_shardings=sharding)()
 

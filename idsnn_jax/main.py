@@ -45,13 +45,13 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax and JAX are chatty at INFO
     if _CONFIG.value.dtype == "float64":  # before any array exists
         jax.config.update("jax_enable_x64", True)
-    faults.install_stop_handlers()
     try:
         distributed.initialize(
             coordinator_address=_COORDINATOR.value,
             num_processes=_NUM_PROCESSES.value,
             process_id=_PROCESS_ID.value,
         )
+        faults.install_stop_handlers()  # after: with several processes SIGTERM is JAX's
         if jax.process_index() == 0:
             print(f"config:\n{_CONFIG.value}", flush=True)
         pipeline.run(_CONFIG.value, _WORKDIR.value)

@@ -157,7 +157,9 @@ def _student(
         logger.info(
             "[%s] initialized from the teacher (every leaf: %s):\n%s", stage, path, report.summary()
         )
-        faults.point("transfer", stage, 1, 0)
+        signum = faults.point("transfer")
+        if signum is not None:
+            raise faults.stopped(signum, stage, "after the transfer", "restart the stage")
     teacher = (plan.models["teacher"], teacher_variables) if distill else None
     return train.fit(
         ctx,

@@ -130,11 +130,12 @@ def fit(
     """Trains `model` from `variables` for `options.num_epochs`, evaluating every epoch.
 
     With a `teacher` (model, variables) the loss distils from it (`steps.make_train_step`).
-    Resumes from the newest checkpoint in `<workdir>/<stage>` (same schedule, data order
-    and RNG stream, so the result equals an uninterrupted run) and returns at once when
-    the stage already finished. Raises FloatingPointError naming the step if the loss
-    diverges (before that epoch is saved), and `faults.Preempted` at a safe point after
-    SIGTERM/SIGINT; either way a pending checkpoint save is finished first.
+    Resumes from the newest checkpoint in `<workdir>/<stage>`, an epoch's or one saved
+    midway through an epoch by a stop (same schedule, data order and RNG stream, so the
+    result equals an uninterrupted run), and returns at once when the stage already
+    finished. Raises FloatingPointError naming the step if the loss diverges (before that
+    epoch is saved), and `faults.Preempted` at a safe point after SIGTERM/SIGINT, having
+    saved there; either way a pending checkpoint save is finished first.
     """
     steps_per_epoch = input_pipeline.num_train_steps(ctx.train_size, options.batch_size)
     tx, schedule = optim.create_optimizer(options.optimizer, steps_per_epoch, options.num_epochs)
@@ -143,32 +144,31 @@ def fit(
     state = steps.replicate(state, ctx.mesh)
     ckpt = StageCheckpoints(os.path.join(ctx.workdir, stage), keep=options.checkpoint_keep)
     history: list[dict[str, float]] = []
+    partial = _Partial()
     restored = ckpt.restore_latest(state)
     if restored is not None:
         state, meta = restored
         history = meta["history"]
-    saved = len(history)  # the newest checkpointed epoch: what a stop resumes from
+        partial = _Partial(meta.get("steps_done", 0), meta.get("metrics", []))
     if len(history) >= options.num_epochs:
         ckpt.close()
-        result = FitResult(state, history[: options.num_epochs])
+        return _finished(stage, history, state, options)
+    if history or partial.steps:
         logger.info(
-            "[%s] finished earlier (best %.2f%% at epoch %d of %d), skipping",
+            "[%s] resuming at epoch %d of %d%s",
             stage,
-            100 * result.best_accuracy,
-            result.best_epoch,
+            len(history) + 1,
             options.num_epochs,
+            f", step {partial.steps + 1}" if partial.steps else "",
         )
-        return result
-    if history:
-        logger.info("[%s] resuming at epoch %d of %d", stage, len(history) + 1, options.num_epochs)
     train_fn, eval_fns = _compile(ctx, model, tx, options, teacher[0] if teacher else None)
     teacher_variables = steps.replicate(teacher[1] if teacher else {}, ctx.mesh)
     data = steps.device_data(ctx.train_split.images, ctx.train_split.labels, ctx.mesh)
+    loop = _EpochLoop(ctx, stage, options, train_fn, data, teacher_variables, ckpt)
     try:
         for epoch in range(len(history), options.num_epochs):
-            state, record = _train_epoch(
-                ctx, stage, epoch, options, train_fn, state, data, teacher_variables, saved
-            )
+            state, record = loop.run(epoch, state, history, partial)
+            partial = _Partial()
             record["lr"] = float(schedule(epoch * steps_per_epoch))
             test = _test(ctx, eval_fns, state, options, stage, epoch)
             record.update({f"test_{k}" if "/" not in k else k: v for k, v in test.items()})
@@ -177,12 +177,41 @@ def fit(
             if _should_save(history, options):
                 meta = {"epoch": epoch + 1, "history": history}
                 ckpt.save(epoch + 1, state, meta, record["test_accuracy"])
-                saved = epoch + 1
-                faults.point("save", stage, epoch + 1, saved)  # while the save is written
+                _stop_after(faults.point("save"), stage, epoch + 1)  # while the save is written
     finally:
         ckpt.close()  # waits for a pending save, also when stopped by an exception
-    faults.point("stage_end", stage, len(history), saved)
+    _stop_after(faults.point("stage_end"), stage, len(history))
     return FitResult(state, history)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Partial:
+    """How far the epoch in progress got: steps done and their per-step metrics."""
+
+    steps: int = 0
+    metrics: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+
+def _finished(
+    stage: str, history: list[dict[str, float]], state: steps.TrainState, options: FitOptions
+) -> FitResult:
+    """The result of a stage that finished earlier."""
+    result = FitResult(state, history[: options.num_epochs])
+    logger.info(
+        "[%s] finished earlier (best %.2f%% at epoch %d of %d), skipping",
+        stage,
+        100 * result.best_accuracy,
+        result.best_epoch,
+        options.num_epochs,
+    )
+    return result
+
+
+def _stop_after(signum: int | None, stage: str, epoch: int) -> None:
+    """Raises `faults.Preempted` for a stop once `epoch` (1-based) was saved."""
+    if signum is not None:
+        where, resume = f"after epoch {epoch}", f"resume after epoch {epoch}"
+        raise faults.stopped(signum, stage, where, resume)
 
 
 def _compile(
@@ -279,57 +308,87 @@ def evaluate(
     return out
 
 
-def _train_epoch(
-    ctx: RunContext,
-    stage: str,
-    epoch: int,
-    options: FitOptions,
-    train_fn: steps.TrainLoop,
-    state: steps.TrainState,
-    data: steps.Batch,
-    teacher_variables: Any,
-    saved: int,
-) -> tuple[steps.TrainState, dict[str, float]]:
-    """One pass over the shuffled training split; returns the new state and mean metrics.
-    A stop signal ends it after any dispatch (`faults.point`; `saved`: the newest
-    checkpointed epoch, for the message)."""
-    calls = _epoch_calls(ctx, epoch, options)
-    bar = progress(
-        calls,
-        total=len(calls),
-        desc=f"{stage} epoch {epoch + 1}",
-        images_per_item=options.steps_per_call * options.batch_size,
-    )
-    num_steps = sum(int(np.sum(valid)) for _, valid in calls)
-    start = time.perf_counter()
-    pending: list[dict[str, jax.Array]] = []
-    fetched: list[dict[str, float]] = []
-    done = 0
-    for indices, valid in bar:
-        state, metrics = train_fn(state, data, indices, valid, teacher_variables)
-        faults.point("train_call", stage, epoch + 1, saved)
-        pending.append(metrics)
-        before, done = done, done + int(np.sum(valid))
-        if done // options.log_every_steps > before // options.log_every_steps or done == num_steps:
-            per_step = _per_step(jax.device_get(pending), num_steps - len(fetched))
-            fetched.extend(_check_finite(per_step, stage, epoch, len(fetched)))
-            pending = []
-            bar.set_postfix(loss=f"{fetched[-1]['loss']:.4f}")
-    seconds = time.perf_counter() - start
-    return state, {
-        "train_loss": float(np.mean([m["loss"] for m in fetched])),
-        "train_accuracy": float(np.mean([m["accuracy"] for m in fetched])),
-        "images_per_sec": num_steps * options.batch_size / seconds,
-        "epoch_seconds": seconds,
-    }
+class _EpochLoop:
+    """One stage's passes over the training split, stoppable after any dispatch: a stop
+    signal (`faults.point`) saves the state there (`StageCheckpoints.save_partial`) and ends
+    the run with `faults.Preempted`."""
+
+    def __init__(
+        self,
+        ctx: RunContext,
+        stage: str,
+        options: FitOptions,
+        train_fn: steps.TrainLoop,
+        data: steps.Batch,
+        teacher_variables: Any,
+        ckpt: StageCheckpoints,
+    ) -> None:
+        self.ctx, self.stage, self.options, self.ckpt = ctx, stage, options, ckpt
+        self.step = lambda state, idx, valid: train_fn(state, data, idx, valid, teacher_variables)
+
+    def run(
+        self, epoch: int, state: steps.TrainState, history: list[dict], partial: _Partial
+    ) -> tuple[steps.TrainState, dict[str, float]]:
+        """Epoch `epoch` (0-based) from `partial` on; returns the new state and mean
+        metrics (`history`: the finished epochs, saved with a stop)."""
+        options = self.options
+        num_steps = input_pipeline.num_train_steps(self.ctx.train_size, options.batch_size)
+        calls = _epoch_calls(self.ctx, epoch, options, partial.steps)
+        bar = progress(
+            calls,
+            total=len(calls),
+            desc=f"{self.stage} epoch {epoch + 1}",
+            images_per_item=options.steps_per_call * options.batch_size,
+        )
+        start = time.perf_counter()
+        pending: list[dict[str, jax.Array]] = []
+        fetched, done = list(partial.metrics), partial.steps
+        for indices, valid in bar:
+            state, metrics = self.step(state, indices, valid)
+            pending.append(metrics)
+            before, done = done, done + int(np.sum(valid))
+            signum = faults.point("train_call")
+            every = options.log_every_steps
+            if signum is not None or done // every > before // every or done == num_steps:
+                fetched += self._fetch(pending, num_steps - len(fetched), epoch, len(fetched))
+                pending = []
+                bar.set_postfix(loss=f"{fetched[-1]['loss']:.4f}")
+            if signum is not None:
+                self._stop(signum, state, epoch, history, _Partial(done, fetched), num_steps)
+        seconds = time.perf_counter() - start
+        return state, {
+            "train_loss": float(np.mean([m["loss"] for m in fetched])),
+            "train_accuracy": float(np.mean([m["accuracy"] for m in fetched])),
+            "images_per_sec": (num_steps - partial.steps) * options.batch_size / seconds,
+            "epoch_seconds": seconds,
+        }
+
+    def _fetch(self, pending: list, limit: int, epoch: int, offset: int) -> list[dict]:
+        per_step = _per_step(jax.device_get(pending), limit)
+        return _check_finite(per_step, self.stage, epoch, offset)
+
+    def _stop(
+        self,
+        signum: int,
+        state: steps.TrainState,
+        epoch: int,
+        history: list[dict],
+        partial: _Partial,
+        num_steps: int,
+    ) -> None:
+        """Saves the state after `partial.steps` of epoch `epoch` and raises `Preempted`."""
+        meta = {"history": history, "steps_done": partial.steps, "metrics": partial.metrics}
+        self.ckpt.save_partial(state, meta)
+        where = f"epoch {epoch + 1}, step {partial.steps} of {num_steps} (saved there)"
+        raise faults.stopped(signum, self.stage, where, "resume from that step")
 
 
 def _epoch_calls(
-    ctx: RunContext, epoch: int, options: FitOptions
+    ctx: RunContext, epoch: int, options: FitOptions, first_step: int = 0
 ) -> list[tuple[jax.Array, np.ndarray]]:
-    """The epoch's (indices (k, B) on device, valid (k,)) per dispatch, k = steps_per_call
-    (or fewer, for a short epoch); the last call is padded with invalid steps, so every call
-    has one shape and the loop compiles once."""
+    """The epoch's (indices (k, B) on device, valid (k,)) per dispatch from step `first_step`
+    on, k = steps_per_call (or fewer, for a short epoch); the last call is padded with invalid
+    steps, so every call has one shape and the loop compiles once."""
     num_steps = input_pipeline.num_train_steps(ctx.train_size, options.batch_size)
     k = min(options.steps_per_call, num_steps)
     indices = input_pipeline.epoch_indices(
@@ -339,10 +398,11 @@ def _epoch_calls(
         epoch=epoch,
         num_shards=ctx.data_shards,
         process_count=jax.process_count(),
+        first_step=first_step,
         steps_multiple=k,
         sharding=NamedSharding(ctx.mesh, P(None, steps.AXIS)),
     )
-    valid = np.arange(indices.shape[0]) < num_steps
+    valid = np.arange(indices.shape[0]) < num_steps - first_step
     calls = [(indices[s : s + k], valid[s : s + k]) for s in range(0, indices.shape[0], k)]
     # Ready before the first step, a precaution: eager device ops in flight beside the steps'
     # all-reduces are the pattern that deadlocked XLA:CPU in `evaluate` (not seen here).

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -153,13 +154,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(workdir, data_dir, devices: int, log, *flags: str) -> subprocess.Popen:
-    """The CLI on the tiny config (1 + 1 epochs of 3 steps, no operation counts) with
-    `devices` CPU devices; stdout and stderr go to `log`.out / `log`.err."""
+def _start(workdir, data_dir, devices: int, log, *flags: str, fault: str = "") -> subprocess.Popen:
+    """The CLI on the tiny config (no operation counts) with `devices` CPU devices and
+    `IDSNN_FAULT=fault` if given; stdout and stderr go to `log`.out / `log`.err."""
     cmd = [sys.executable, "-m", "idsnn_jax.main", "--config=configs/tiny.py"]
     cmd += [f"--workdir={workdir}", f"--config.data_dir={data_dir}", "--config.energy=", *flags]
     env = {k: v for k, v in os.environ.items() if k != faults.ENV}
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    if fault:
+        env[faults.ENV] = fault
     with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err)
 
@@ -189,44 +192,79 @@ def _load(workdir, stage: str) -> dict:
         return checkpoints.load_variables(str(workdir / stage))
 
 
+def _two_processes(tmp_path, data_dir, flags: tuple[str, ...], log: str, fault: str = ""):
+    """Processes 0 and 1 of a run on 127.0.0.1 in `tmp_path / 'processes'` (`fault` in
+    process 1 only)."""
+    port = _free_port()
+    cluster = (f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2")
+    return [
+        _start(
+            tmp_path / "processes",
+            data_dir,
+            1,
+            tmp_path / f"{log}{p}",
+            *flags,
+            *cluster,
+            f"--process_id={p}",
+            fault=fault if p else "",
+        )
+        for p in range(2)
+    ]
+
+
+def _logs(tmp_path, names) -> dict[str, str]:
+    return {
+        name: (tmp_path / f"{name}.out").read_text() + (tmp_path / f"{name}.err").read_text()
+        for name in names
+    }
+
+
+STOPPED = re.compile(
+    r"interrupted by SIGTERM in stage student, epoch 1, step [2-5] of 6 \(saved there\): "
+    r"rerun the same command to resume from that step"
+)
+
+
 def test_cli_on_2_and_4_devices_and_2_processes_equals_1_device(data_fashion_mnist_dir, tmp_path):
     """The whole CLI path (data on the devices, each epoch's indices, the gather in the step,
-    padded evaluation, EMA, checkpoints) in float64, teacher and distilled student: 1 device,
-    2 devices (2 steps per dispatch), 4 devices (counting SOPs/MACs) and 2 processes of 1
-    device (gloo on 127.0.0.1), all with the same 2 data shards, end with the same parameters,
-    BN statistics and records (to 1e-9; float64 rounding of the reductions' order is ~1e-14).
-    Only process 0 prints and writes files.
+    padded evaluation, EMA, checkpoints) in float64, teacher and distilled student, 6 steps an
+    epoch: 1 device, 2 devices, 4 devices (2 steps per dispatch, counting SOPs/MACs) and 2
+    processes of 1 device (gloo on 127.0.0.1), all with the same 2 data shards, end with the
+    same parameters, BN statistics and records (to 1e-9; float64 rounding of the reductions'
+    order is ~1e-14). Only process 0 prints and writes files.
+
+    The 2 processes are preempted: SIGTERM to process 1 at its 8th dispatch (the student's
+    second step) stops both at one agreed step, each exiting 143 with the one line, the state
+    saved there; rerun, they end bit for bit as 1 process of 2 devices (each all-reduce adds
+    the same two values).
 
     float64, because float32 rounding of a different reduction order (or of 1 ulp in one
     weight) is amplified by training until the runs differ like seeds (README "Many
     processes"); in float64 an indexing, sharding or padding mistake still shows at O(1)."""
     common = ("--config.dtype=float64", "--config.data_shards=2", "--config.ema_decay=0.5")
+    common += ("--config.batch_size=8", "--config.eval_batch_size=8")
     common += ("--config.max_test_examples=30",)  # padded last eval batch on every mesh
-    port = _free_port()
-    runs = {
-        "process0": (1, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"),
-        "process1": (1, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"),
+    singles = {
         "one": (1,),
-        "two": (2, "--config.steps_per_call=2"),
-        "four": (4, "--config.energy=45nm_fp32"),
+        "two": (2,),
+        "four": (4, "--config.steps_per_call=2", "--config.energy=45nm_fp32"),
     }
-    procs = []
-    for name, (devices, *flags) in runs.items():
-        workdir = tmp_path / ("processes" if name.startswith("process") else name)
-        if name.startswith("process"):
-            flags.append(f"--process_id={name[-1]}")
-        procs.append(
-            _start(workdir, data_fashion_mnist_dir, devices, tmp_path / name, *common, *flags)
-        )
+    data = data_fashion_mnist_dir
+    procs = _two_processes(tmp_path, data, common, "stopped", fault="train_call:8:TERM")
+    for name, (devices, *flags) in singles.items():
+        procs.append(_start(tmp_path / name, data, devices, tmp_path / name, *common, *flags))
     codes = _wait_all(procs, timeout=600)
-    logs = {
-        name: (tmp_path / f"{name}.out").read_text() + (tmp_path / f"{name}.err").read_text()
-        for name in runs
-    }
-    assert codes == [0] * len(runs), {name: log[-3000:] for name, log in logs.items()}
+    logs = _logs(tmp_path, ["stopped0", "stopped1", *singles])
+    assert codes == [143, 143, 0, 0, 0], {name: log[-3000:] for name, log in logs.items()}
+    for p in range(2):
+        assert STOPPED.fullmatch(logs[f"stopped{p}"].strip().splitlines()[-1]), logs[f"stopped{p}"]
+    codes = _wait_all(_two_processes(tmp_path, data, common, "resumed"), timeout=600)
+    logs |= _logs(tmp_path, ["resumed0", "resumed1"])
+    assert codes == [0, 0], {name: logs[name][-3000:] for name in ("resumed0", "resumed1")}
 
-    assert "2 process(es)" in logs["process0"] and "summary:" in logs["process0"]
-    assert "config:" not in logs["process1"] and "summary:" not in logs["process1"]
+    assert "2 process(es)" in logs["resumed0"] and "summary:" in logs["resumed0"]
+    assert "[student] resuming at epoch 1 of 1, step " in logs["resumed0"]
+    assert "config:" not in logs["resumed1"] and "summary:" not in logs["resumed1"]
     assert "4 device(s)" in logs["four"]
     assert json.loads((tmp_path / "processes" / "config.json").read_text())["data_shards"] == 2
     reference = _records(tmp_path / "one")
@@ -240,3 +278,7 @@ def test_cli_on_2_and_4_devices_and_2_processes_equals_1_device(data_fashion_mni
             chex.assert_trees_all_close(
                 _load(tmp_path / name, stage), _load(tmp_path / "one", stage), rtol=1e-9, atol=1e-12
             )
+    for stage in ("teacher", "student"):
+        chex.assert_trees_all_equal(
+            _load(tmp_path / "processes", stage), _load(tmp_path / "two", stage)
+        )

@@ -87,15 +87,17 @@ def reference(shared, data_fashion_mnist_dir, tmp_path_factory) -> dict:
 
 
 def _saves(workdir) -> dict[str, dict[str, bool]]:
-    """Stage -> {epoch: whether its checkpoint is complete (not orbax's temporary one)}."""
+    """Stage -> {epoch (or 'partial', an epoch stopped midway): whether its checkpoint is
+    complete (not orbax's temporary one)}."""
     tmp = ".orbax-checkpoint-tmp"
-    return {
-        stage: {
-            name.removesuffix(tmp): not name.endswith(tmp) for name in os.listdir(workdir / stage)
-        }
-        for stage in ("teacher", "student")
-        if (workdir / stage).is_dir()
-    }
+    saves = {}
+    for stage in ("teacher", "student"):
+        names = os.listdir(workdir / stage) if (workdir / stage).is_dir() else []
+        saves[stage] = {name.removesuffix(tmp): not name.endswith(tmp) for name in names}
+        if checkpoints.PARTIAL_DIR in names:
+            kept = os.listdir(workdir / stage / checkpoints.PARTIAL_DIR)
+            saves[stage]["partial"] = any(name.isdigit() for name in kept)
+    return {stage: epochs for stage, epochs in saves.items() if epochs}
 
 
 def _logged(workdir) -> list[tuple[str, int]]:
@@ -112,18 +114,26 @@ CASES = {
     "save:2": (KILL, None, {"teacher": ["1", "2"]}, 2),
     "stage_end:1": (KILL, None, {"teacher": ["1", "2"]}, 2),
     "transfer:1": (KILL, None, {"teacher": ["1", "2"]}, 2),
+    # Stopped after a dispatch: the state there is saved, and the rerun goes on from it.
     "train_call:11:TERM": (
         TERM,
-        "interrupted by SIGTERM in stage student, epoch 2: rerun the same command to resume "
-        "from the checkpoint of epoch 1",
-        {"teacher": ["1", "2"], "student": ["1"]},
+        "interrupted by SIGTERM in stage student, epoch 2, step 2 of 3 (saved there): rerun "
+        "the same command to resume from that step",
+        {"teacher": ["1", "2"], "student": ["1", "partial"]},
         3,
     ),
     # Stopped while the save is written: the save finishes first.
     "save:2:INT": (
         INT,
         "interrupted by SIGINT in stage teacher, after epoch 2: rerun the same command to "
-        "resume after epoch 2, its last checkpoint",
+        "resume after epoch 2",
+        {"teacher": ["1", "2"]},
+        2,
+    ),
+    "transfer:1:TERM": (
+        TERM,
+        "interrupted by SIGTERM in stage student, after the transfer: rerun the same command "
+        "to restart the stage",
         {"teacher": ["1", "2"]},
         2,
     ),
@@ -161,7 +171,10 @@ def test_stopped_run_resumes_exactly(fault, reference, shared, data_fashion_mnis
             np.testing.assert_array_equal(a, b, err_msg=f"{key} {jax.tree_util.keystr(path)}")
     # Each stage resumed after its newest complete checkpoint; an epoch logged before the
     # kill and redone was redone from the same state: both records are the reference's.
-    complete = {s: max((int(e) for e, ok in d.items() if ok), default=0) for s, d in saves.items()}
+    complete = {
+        s: max((int(e) for e, ok in d.items() if ok and e.isdigit()), default=0)
+        for s, d in saves.items()
+    }
     redone = sum(len(rs) - complete.get(s, 0) for s, rs in reference["records"].items())
     records = read_records(str(workdir))
     assert len(records) == logged + redone
@@ -280,24 +293,19 @@ def test_cli_exit_status_and_line(error, status, line, monkeypatch, capsys, tmp_
         assert capsys.readouterr().err == f"{error}\n"
 
 
-def test_fault_point_messages_and_bad_spec(monkeypatch):
+def test_fault_point_returns_the_stop_signal_and_checks_its_spec(monkeypatch):
     monkeypatch.delenv(faults.ENV, raising=False)
     monkeypatch.setattr(faults, "_stop", [])
-    faults.point("train_call", "teacher", 1, 0)  # no signal: nothing happens
+    assert faults.point("train_call") is None  # no signal: nothing happens
     monkeypatch.setattr(faults, "_stop", [signal.SIGTERM])
-    expected = {
-        (3, 2): "in stage student, epoch 3: rerun the same command to resume from the "
-        "checkpoint of epoch 2",
-        (1, 0): "in stage student, epoch 1: rerun the same command to resume (the stage has "
-        "no checkpoint yet: it restarts)",
-        (2, 2): "in stage student, after epoch 2: rerun the same command to resume after "
-        "epoch 2, its last checkpoint",
-    }
-    for (epoch, saved), text in expected.items():
-        with pytest.raises(faults.Preempted) as stop:
-            faults.point("save", "student", epoch, saved)
-        assert str(stop.value) == f"interrupted by SIGTERM {text}" and stop.value.signum == 15
+    assert faults.point("save") == signal.SIGTERM
+    stop = faults.stopped(signal.SIGINT, "student", "after epoch 2", "resume after epoch 2")
+    assert stop.signum == signal.SIGINT
+    assert str(stop) == (
+        "interrupted by SIGINT in stage student, after epoch 2: rerun the same command to "
+        "resume after epoch 2"
+    )
     monkeypatch.setattr(faults, "_stop", [])
     monkeypatch.setenv(faults.ENV, "nowhere:1")
     with pytest.raises(ValueError, match=r"IDSNN_FAULT='nowhere:1' is invalid: .*train_call"):
-        faults.point("save", "student", 1, 0)
+        faults.point("save")
