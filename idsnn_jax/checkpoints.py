@@ -18,6 +18,7 @@ is restored straight onto the mesh that spans them.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
@@ -25,6 +26,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
+
+from idsnn_jax import faults
 
 METRIC = "test_accuracy"
 PARTIAL_DIR = "partial"  # in a stage directory: the state of an epoch stopped midway
@@ -87,6 +90,7 @@ class StageCheckpoints:
     def save_partial(self, state: Any, meta: dict[str, Any]) -> None:
         """Saves the state of an epoch stopped midway (meta: its `history` of finished epochs,
         `steps_done` and their `metrics`) and waits until it is written; replaces the last."""
+        faults.write_point(self.partial_directory)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         with _partial_manager(self.partial_directory) as manager:
             manager.save(int(jax.device_get(state.step)), args=args, force=True)
@@ -98,6 +102,7 @@ class StageCheckpoints:
 
     def save(self, epoch: int, state: Any, meta: dict[str, Any], test_accuracy: float) -> None:
         """Saves `state` after `epoch` (1-based; greater than every saved epoch)."""
+        faults.write_point(os.path.join(self.directory, str(epoch)))
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self.manager.save(epoch, args=args, metrics={METRIC: test_accuracy, "epoch": epoch})
 
@@ -120,6 +125,17 @@ class StageCheckpoints:
             ),
         )
         return restored["state"], restored["meta"]
+
+
+def fingerprint(tree: Any) -> str:
+    """Content hash of a pytree of host arrays (tree paths, dtypes, shapes, bytes): sha256,
+    the first 16 hex digits. What a resumed stage checks its teacher and data against."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
 
 
 def has_checkpoint(directory: str) -> bool:

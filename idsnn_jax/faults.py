@@ -19,12 +19,15 @@ KeyboardInterrupt, SIGTERM kills).
 The same points let tests fault the run deterministically: `IDSNN_FAULT=<point>:<n>` sends
 SIGKILL to this process the n-th time (1-based, counted from process start) it reaches
 the point named `<point>` (`train_call`, `save`, `stage_end` or `transfer`);
-`IDSNN_FAULT=<point>:<n>:TERM` (or `:INT`) sends that signal instead.
+`IDSNN_FAULT=<point>:<n>:TERM` (or `:INT`) sends that signal instead. Every file write of
+the run passes `write_point` (`files.py`, the checkpoint saves): `IDSNN_FAULT=write:<n>:ENOSPC`
+(or `:EROFS`) makes the n-th write fail as a full disk (a read-only filesystem) would.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import signal
 from typing import Any
@@ -35,6 +38,7 @@ from jax.experimental import multihost_utils
 ENV = "IDSNN_FAULT"
 POINTS = ("train_call", "save", "stage_end", "transfer")
 _SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "INT": signal.SIGINT}
+_ERRORS = {"ENOSPC": errno.ENOSPC, "EROFS": errno.EROFS}
 
 _hits: collections.Counter[str] = collections.Counter()
 _stop: list[int] = []  # the signal that asked this process to stop (at most one)
@@ -91,17 +95,30 @@ def stopped(signum: int, stage: str, where: str, resume: str) -> Preempted:
     )
 
 
-def _inject(spec: str, name: str) -> None:
-    """Sends the signal `spec` ('<point>:<n>[:<signal>]') asks for, if this is its n-th hit."""
+def write_point(path: str) -> None:
+    """Before each write of the run's files: raises the OSError `IDSNN_FAULT=write:<n>:<errno>`
+    asks for at the n-th write, naming `path`."""
+    spec = os.environ.get(ENV)
+    if spec:
+        _inject(spec, "write", path)
+
+
+def _inject(spec: str, name: str, path: str = "") -> None:
+    """Sends the signal (or raises the OSError at a write) `spec` ('<point>:<n>[:<kind>]') asks
+    for, if this is its n-th hit."""
     target, _, rest = spec.partition(":")
-    count, _, signame = rest.partition(":")
-    if target not in POINTS or not count.isdigit() or signame not in ("", *_SIGNALS):
+    count, _, kind = rest.partition(":")
+    kinds = ("", *_SIGNALS) if target in POINTS else tuple(_ERRORS)
+    if target not in (*POINTS, "write") or not count.isdigit() or kind not in kinds:
         raise ValueError(
             f"{ENV}={spec!r} is invalid: expected <point>:<n>[:KILL|TERM|INT] with <point> one "
-            f"of {', '.join(POINTS)}"
+            f"of {', '.join(POINTS)}, or write:<n>:{'|'.join(_ERRORS)}"
         )
     if target != name:
         return
     _hits[name] += 1
-    if _hits[name] == int(count):
-        os.kill(os.getpid(), _SIGNALS[signame or "KILL"])  # runs a Python handler before returning
+    if _hits[name] != int(count):
+        return
+    if name == "write":
+        raise OSError(_ERRORS[kind], os.strerror(_ERRORS[kind]), path)
+    os.kill(os.getpid(), _SIGNALS[kind or "KILL"])  # runs a Python handler before returning

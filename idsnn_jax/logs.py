@@ -19,6 +19,8 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
+from idsnn_jax import files
+
 logger = logging.getLogger("idsnn_jax")
 METRICS_FILE = "metrics.jsonl"
 
@@ -45,14 +47,16 @@ class MetricLogger:
         self._writers: dict[str, Any] = {}
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
+            path = os.path.join(workdir, METRICS_FILE)
+            if files.repair_last_line(path):
+                logger.warning("%s: removed a last line cut short by an earlier crash", path)
 
     def write(self, stage: str, epoch: int, metrics: dict[str, float]) -> None:
         """Records `metrics` of `stage` after `epoch` (1-based)."""
         if not self.enabled:
             return
         record = {"stage": stage, "epoch": epoch, "time": time.time(), **metrics}
-        with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        files.append_line(os.path.join(self.workdir, METRICS_FILE), json.dumps(record))
         if self.plots:
             from idsnn_jax import plots  # matplotlib only where plots are drawn
 
@@ -80,21 +84,27 @@ class MetricLogger:
 def read_records(path: str) -> list[dict[str, Any]]:
     """The records of a `metrics.jsonl` (or of the one in directory `path`), in file order.
 
-    A last line half-written by a killed run is left out; any other bad line raises
-    ValueError naming the file and line.
+    A line that is not a JSON record (half-written by a killed run, damaged) is left out; the
+    lines left out are counted in a warning naming the file and the first of them.
     """
     if os.path.isdir(path):
         path = os.path.join(path, METRICS_FILE)
     with open(path) as f:
         lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
-    records = []
-    for k, (line_number, line) in enumerate(lines):
+    records, bad = [], []
+    for line_number, line in lines:
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if k == len(lines) - 1:
-                break
-            raise ValueError(f"{path}:{line_number} is not JSON: {e}") from e
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and {"stage", "epoch"} <= record.keys():
+            records.append(record)
+        else:
+            bad.append(line_number)
+    if bad:
+        logger.warning(
+            "%s: skipped %d line(s) that are not records (line %d)", path, len(bad), bad[0]
+        )
     return records
 
 

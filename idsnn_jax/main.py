@@ -62,6 +62,14 @@ def main(argv: list[str]) -> None:
         if _TRACEBACK.value:
             raise
         sys.exit("error: " + " ".join(line.strip() for line in str(err).splitlines()))
+    except OSError as err:  # a full disk, a read-only or vanished workdir
+        if _TRACEBACK.value:
+            raise
+        sys.exit(
+            f"error: cannot write {err.filename or 'a file'}: {err.strerror or err}; free space "
+            "(or fix the permissions) and rerun the same command: it resumes from the last "
+            "checkpoint"
+        )
 
 
 if __name__ == "__main__":

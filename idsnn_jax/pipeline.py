@@ -28,9 +28,15 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from idsnn_jax import faults, input_pipeline, steps, torch_import, train
-from idsnn_jax.checkpoints import has_checkpoint, load_variables, locate, saved_shapes
-from idsnn_jax.datasets import load_split
+from idsnn_jax import faults, files, input_pipeline, steps, torch_import, train
+from idsnn_jax.checkpoints import (
+    fingerprint,
+    has_checkpoint,
+    load_variables,
+    locate,
+    saved_shapes,
+)
+from idsnn_jax.datasets import Split, load_split
 from idsnn_jax.logs import MetricLogger, logger, setup_logging
 from idsnn_jax.plan import RunPlan, build_plan, data_shards
 from idsnn_jax.resume import CONFIG_FILE, DIVERGED_FILE, check_workdir, write_config
@@ -85,8 +91,7 @@ def check_teacher_checkpoint(config: ml_collections.ConfigDict, plan: RunPlan) -
     run_config = os.path.join(os.path.dirname(stage_dir), CONFIG_FILE)
     if not os.path.isfile(run_config):
         return
-    with open(run_config) as f:
-        run = json.load(f)
+    run = files.read_json(run_config, "it says what the teacher checkpoint is: restore it")
     role = "teacher" if os.path.basename(stage_dir) == "teacher" else "student"
     saved = {key: run.get(role, {}).get(key) for key in ("model", "width")}
     want = {key: config.teacher[key] for key in ("model", "width")}
@@ -152,8 +157,7 @@ def _student(
         path = os.path.join(ctx.workdir, f"{stage}_transfer_report.txt")
         if jax.process_index() == 0:
             os.makedirs(ctx.workdir, exist_ok=True)
-            with open(path, "w") as f:
-                f.write(f"{report}\n")
+            files.write_text(path, f"{report}\n")
         logger.info(
             "[%s] initialized from the teacher (every leaf: %s):\n%s", stage, path, report.summary()
         )
@@ -224,8 +228,18 @@ def create_context(
         MetricLogger(workdir),
         data_shards=shards,
         test_size=test_size,
+        data_fingerprint=_data_fingerprint(train_split),
     )
     return ctx, plan
+
+
+def _data_fingerprint(split: Split) -> str:
+    """`checkpoints.fingerprint` of the training split: of every process's shards together."""
+    local = fingerprint({"image": split.images, "label": split.labels})
+    if jax.process_count() == 1:
+        return local
+    digests = multihost_utils.process_allgather(np.frombuffer(bytes.fromhex(local), np.uint8))
+    return fingerprint(np.asarray(digests))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -256,14 +270,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     summary[f"{stage}_{key}"] = result.history[-1][f"test_{key}"]
     except FloatingPointError as err:  # lets the resume lower the learning rate (check_workdir)
         if jax.process_index() == 0:
-            with open(os.path.join(workdir, DIVERGED_FILE), "w") as f:
-                f.write(f"{err}\n")
+            files.write_text(os.path.join(workdir, DIVERGED_FILE), f"{err}\n")
         raise
     finally:
         ctx.writer.close()
     summary["wall_seconds"] = time.time() - start
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        files.write_json(os.path.join(workdir, "summary.json"), summary)
     logger.info("summary: %s", json.dumps(summary))
     return summary

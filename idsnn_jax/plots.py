@@ -14,6 +14,8 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from idsnn_jax import files
+
 Records = list[dict[str, Any]]
 _STAGE_COLORS = {"teacher": "C0", "student": "C1", "baseline": "C2"}
 FIRING_RATE_PREFIX = "firing_rate/"
@@ -74,13 +76,18 @@ def write_run_plots(workdir: str, stages: dict[str, Records]) -> list[str]:
     """Writes `<workdir>/curves.png` and, once the student has firing rates,
     `<workdir>/firing_rates.png` (its last epoch); returns the paths written."""
     paths = [os.path.join(workdir, "curves.png")]
-    curves_figure(stages, title=os.path.basename(os.path.abspath(workdir))).savefig(paths[0])
+    save_png(curves_figure(stages, title=os.path.basename(os.path.abspath(workdir))), paths[0])
     student = stages.get("student", [])
     if student and any(k.startswith(FIRING_RATE_PREFIX) for k in student[-1]):
         paths.append(os.path.join(workdir, "firing_rates.png"))
         title = f"student firing rates, epoch {student[-1]['epoch']}"
-        firing_rates_figure(student[-1], title).savefig(paths[1])
+        save_png(firing_rates_figure(student[-1], title), paths[1])
     return paths
+
+
+def save_png(fig: Figure, path: str) -> None:
+    """`fig` as a PNG at `path`, replaced whole (`files.write_atomic`)."""
+    files.write_atomic(path, lambda f: fig.savefig(f, format="png"))
 
 
 def compare_figure(runs: dict[str, dict[str, Records]]) -> Figure:

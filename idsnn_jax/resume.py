@@ -14,18 +14,24 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
+from idsnn_jax import files
 from idsnn_jax.checkpoints import has_checkpoint
 from idsnn_jax.logs import logger
 from idsnn_jax.plan import data_shards, flatten
+from idsnn_jax.precision import compute_dtype
 
 CONFIG_FILE = "config.json"
 # Keys that may change when a workdir is resumed: they decide where data is, what is logged or
-# kept, and how evaluation is batched (exact counts either way), not the trained weights.
+# kept, and how evaluation is batched (exact counts either way), not the trained weights. Where
+# the data and the teacher are may change, not what they are: each stage's checkpoints record
+# their content (`checkpoints.fingerprint`), checked when it resumes (`train.fit`).
 RESUME_FREE = frozenset(
     {
         "data_dir",
+        "teacher.checkpoint",
         "eval_batch_size",
         "log_every_steps",
         "checkpoint_keep",
@@ -58,14 +64,18 @@ ADDED_KEYS = {
     "optimizer.warmup_epochs": 0,
     "augment.cutout": 0,
     "augment.auto_augment": False,
+    "student.remat": False,
+    "student.pack_spikes": False,
 }
 
 
 def config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """`config` as the JSON-able nested dict `<workdir>/config.json` holds (tuples as lists),
-    `data_shards=0` as the process count: the data order, which a resume must keep."""
+    `data_shards=0` as the process count (the data order) and `dtype='auto'` as the dtype it
+    resolves to here (a resume on another backend must not change it)."""
     record = json.loads(config.to_json_best_effort())
     record["data_shards"] = data_shards(config)
+    record["dtype"] = jnp.dtype(compute_dtype(config.dtype)).name
     return record
 
 
@@ -88,9 +98,11 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     if not os.path.isfile(path):
         logger.warning("%s has checkpoints but no %s to check them against", workdir, CONFIG_FILE)
         return
-    with open(path) as f:
-        old = ADDED_KEYS | flatten(json.load(f))
+    what = "it records the run's config: restore it, or delete it to resume without the check"
+    old = ADDED_KEYS | flatten(files.read_json(path, what))
     new = flatten(config_record(config))
+    if old.get("dtype") == "auto":  # recorded before the resolved dtype was
+        old["dtype"] = new["dtype"]
     absent = "<absent>"
     diverged = os.path.isfile(os.path.join(workdir, DIVERGED_FILE))
     diffs = []
@@ -115,11 +127,11 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes `<workdir>/config.json`; the run it now records has not diverged (yet)."""
+    """Writes `<workdir>/config.json` (replaced whole, and only when it changes); the run it
+    now records has not diverged (yet)."""
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-            json.dump(config_record(config), f, indent=2)
-            f.write("\n")
+        path = os.path.join(workdir, CONFIG_FILE)
+        files.write_text(path, json.dumps(config_record(config), indent=2) + "\n", changed=True)
         if os.path.isfile(os.path.join(workdir, DIVERGED_FILE)):
             os.remove(os.path.join(workdir, DIVERGED_FILE))

@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from idsnn_jax import energy, faults, input_pipeline, optim, steps
-from idsnn_jax.checkpoints import StageCheckpoints
+from idsnn_jax.checkpoints import StageCheckpoints, fingerprint
 from idsnn_jax.checks import check_fields, is_int
 from idsnn_jax.datasets import DatasetInfo, Split
 from idsnn_jax.logs import MetricLogger, logger, progress
@@ -84,6 +84,7 @@ class RunContext:
     writer: MetricLogger
     data_shards: int = 1  # the training split's shards, in all processes together
     test_size: int | None = None  # the whole test split's; None: test_split is all of it
+    data_fingerprint: str = ""  # of the whole training split (`checkpoints.fingerprint`)
 
     @property
     def train_size(self) -> int:
@@ -145,11 +146,19 @@ def fit(
     ckpt = StageCheckpoints(os.path.join(ctx.workdir, stage), keep=options.checkpoint_keep)
     history: list[dict[str, float]] = []
     partial = _Partial()
+    inputs = {
+        "num_epochs": options.num_epochs,
+        "data": ctx.data_fingerprint,
+        "teacher": fingerprint(teacher[1]) if teacher else "",
+    }
     restored = ckpt.restore_latest(state)
     if restored is not None:
         state, meta = restored
         history = meta["history"]
         partial = _Partial(meta.get("steps_done", 0), meta.get("metrics", []))
+        trained = len(history) * steps_per_epoch + partial.steps
+        where = f"[{stage}] ({ckpt.directory})"
+        _check_resume(where, meta, inputs, options, steps_per_epoch, trained)
     if len(history) >= options.num_epochs:
         ckpt.close()
         return _finished(stage, history, state, options)
@@ -164,7 +173,7 @@ def fit(
     train_fn, eval_fns = _compile(ctx, model, tx, options, teacher[0] if teacher else None)
     teacher_variables = steps.replicate(teacher[1] if teacher else {}, ctx.mesh)
     data = steps.device_data(ctx.train_split.images, ctx.train_split.labels, ctx.mesh)
-    loop = _EpochLoop(ctx, stage, options, train_fn, data, teacher_variables, ckpt)
+    loop = _EpochLoop(ctx, stage, options, train_fn, data, teacher_variables, ckpt, inputs)
     try:
         for epoch in range(len(history), options.num_epochs):
             state, record = loop.run(epoch, state, history, partial)
@@ -175,13 +184,61 @@ def fit(
             history.append(record)
             ctx.writer.write(stage, epoch + 1, record)
             if _should_save(history, options):
-                meta = {"epoch": epoch + 1, "history": history}
+                meta = {"epoch": epoch + 1, "history": history, **inputs}
                 ckpt.save(epoch + 1, state, meta, record["test_accuracy"])
                 _stop_after(faults.point("save"), stage, epoch + 1)  # while the save is written
     finally:
         ckpt.close()  # waits for a pending save, also when stopped by an exception
     _stop_after(faults.point("stage_end"), stage, len(history))
     return FitResult(state, history)
+
+
+def _check_resume(
+    stage: str,
+    meta: dict[str, Any],
+    inputs: dict[str, Any],
+    options: FitOptions,
+    steps_per_epoch: int,
+    trained: int,
+) -> None:
+    """ValueError unless a stage resumes with what its checkpoint (`meta`) was trained with:
+    the same data and teacher (by content), and a learning rate that, over the `trained`
+    steps, does not depend on a changed `num_epochs` (a cosine schedule, or a warm-up as long
+    as the run, does). Checkpoints older than these records are not checked."""
+    fix = "or use a new --workdir"
+    if meta.get("data", inputs["data"]) != inputs["data"]:
+        raise ValueError(
+            f"{stage} was trained on other data (fingerprint {meta['data']} -> "
+            f"{inputs['data']}): give it the data it was trained on (data_dir), {fix}"
+        )
+    if meta.get("teacher", inputs["teacher"]) != inputs["teacher"]:
+        raise ValueError(
+            f"{stage} distilled from another teacher (variables' fingerprint {meta['teacher']} "
+            f"-> {inputs['teacher']}): give it that teacher (teacher.checkpoint), {fix}"
+        )
+    old = meta.get("num_epochs", options.num_epochs)
+    if old != options.num_epochs and not _same_rates(options, steps_per_epoch, trained, old):
+        raise ValueError(
+            f"{stage} num_epochs {old} -> {options.num_epochs} changes the learning rate of the "
+            f"{trained} steps already trained (schedule={options.optimizer.schedule!r}, "
+            f"warmup_epochs={options.optimizer.warmup_epochs}), so the run would not equal one "
+            f"configured for {options.num_epochs} epochs from the start: keep num_epochs={old}, "
+            f"{fix}"
+        )
+
+
+def _same_rates(options: FitOptions, steps_per_epoch: int, trained: int, old: int) -> bool:
+    """Whether the learning rate of steps 0 .. trained - 1 is the same for a run of `old`
+    epochs as for one of `options.num_epochs` (up to the rate itself, which a diverged run
+    may lower)."""
+    shape = dataclasses.replace(options.optimizer, learning_rate=1.0)
+    steps = np.arange(trained)
+    epochs = (old, options.num_epochs)
+    rates = [
+        np.broadcast_to(optim.lr_schedule(shape, steps_per_epoch, n)(steps), steps.shape)
+        for n in epochs
+    ]
+    return bool(np.array_equal(*rates))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,8 +379,10 @@ class _EpochLoop:
         data: steps.Batch,
         teacher_variables: Any,
         ckpt: StageCheckpoints,
+        inputs: dict[str, Any],
     ) -> None:
         self.ctx, self.stage, self.options, self.ckpt = ctx, stage, options, ckpt
+        self.inputs = inputs  # what the stage trains with, saved beside a stopped epoch
         self.step = lambda state, idx, valid: train_fn(state, data, idx, valid, teacher_variables)
 
     def run(
@@ -378,6 +437,7 @@ class _EpochLoop:
     ) -> None:
         """Saves the state after `partial.steps` of epoch `epoch` and raises `Preempted`."""
         meta = {"history": history, "steps_done": partial.steps, "metrics": partial.metrics}
+        meta |= self.inputs
         self.ckpt.save_partial(state, meta)
         where = f"epoch {epoch + 1}, step {partial.steps} of {num_steps} (saved there)"
         raise faults.stopped(signum, self.stage, where, "resume from that step")

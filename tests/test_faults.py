@@ -11,6 +11,7 @@ compilation cache, so only the reference run compiles. The divergence runs in pr
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 import signal
@@ -254,6 +255,73 @@ def test_divergence_keeps_the_last_good_checkpoint(
         resume.check_workdir(config, str(workdir))
 
 
+# --- A full disk or a read-only workdir -----------------------------------------------------------
+
+
+def _failing_write(monkeypatch, suffix: str, code: int) -> None:
+    """`faults.write_point` (which every write of the run passes) raising OSError `code` at
+    the first write of a path ending in `suffix`."""
+    real = faults.write_point
+
+    def write_point(path: str) -> None:
+        if path.endswith(suffix) and not done:
+            done.append(path)
+            raise OSError(code, os.strerror(code), path)
+        real(path)
+
+    done: list[str] = []
+    monkeypatch.setattr(faults, "write_point", write_point)
+
+
+def test_a_failed_write_loses_nothing(data_fashion_mnist_dir, tmp_path, monkeypatch):
+    """Every file the run writes passes the write hook; a write that fails (a full disk at
+    the student's checkpoint, then a read-only workdir at the summary) stops the run with an
+    OSError naming the path, the files written before are untouched, and the rerun ends as
+    an uninterrupted run."""
+    config = tiny.get_config()
+    config.data_dir = str(data_fashion_mnist_dir)
+    config.energy = ""
+    seen: list[str] = []
+    real = faults.write_point
+    with monkeypatch.context() as m:
+        m.setattr(faults, "write_point", lambda path: (seen.append(path), real(path))[1])
+        reference = pipeline.run(config, str(tmp_path / "reference"))
+    names = [os.path.relpath(p, tmp_path / "reference") for p in seen]
+    assert names == [
+        "config.json",
+        *("metrics.jsonl", "curves.png", "teacher/1"),
+        "student_transfer_report.txt",
+        *("metrics.jsonl", "curves.png", "firing_rates.png", "student/1"),
+        "summary.json",
+    ]
+
+    workdir = tmp_path / "run"
+    for suffix, code in (("student/1", errno.ENOSPC), ("summary.json", errno.EROFS)):
+        with monkeypatch.context() as m:
+            _failing_write(m, suffix, code)
+            with pytest.raises(OSError) as err:
+                pipeline.run(config, str(workdir))
+        assert (err.value.errno, err.value.filename) == (code, str(workdir / suffix))
+        if suffix == "student/1":
+            teacher = _files(workdir / "teacher")
+            assert not (workdir / "student").exists() or not os.listdir(workdir / "student")
+    assert _files(workdir / "teacher") == teacher
+    summary = pipeline.run(config, str(workdir))
+    assert {k: v for k, v in summary.items() if k != "wall_seconds"} == {
+        k: v for k, v in reference.items() if k != "wall_seconds"
+    }
+    records = [_untimed(r) for r in read_records(str(workdir))]
+    want = [_untimed(r) for r in read_records(str(tmp_path / "reference"))]
+    assert [r for r in records if r["stage"] == "teacher"] == want[:1]
+    assert records[-1] == want[-1]  # the student, logged once per attempt, the same each time
+    for a, b in zip(
+        jax.tree.leaves(checkpoints.load_variables(str(workdir / "student"))),
+        jax.tree.leaves(checkpoints.load_variables(str(tmp_path / "reference" / "student"))),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
 # --- The CLI's one line, and the fault hook's own checks ------------------------------------------
 
 
@@ -266,8 +334,14 @@ def test_divergence_keeps_the_last_good_checkpoint(
             "error: [student] training loss is nan at epoch 3, step 2 of the epoch",
         ),
         (faults.Preempted(signal.SIGTERM, "interrupted by SIGTERM in ..."), 143, None),
+        (
+            OSError(errno.ENOSPC, "No space left on device", "/runs/x/teacher/3"),
+            1,
+            "error: cannot write /runs/x/teacher/3: No space left on device; free space (or fix "
+            "the permissions) and rerun the same command: it resumes from the last checkpoint",
+        ),
     ],
-    ids=["divergence", "preempted"],
+    ids=["divergence", "preempted", "full_disk"],
 )
 @pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # config_flags
 def test_cli_exit_status_and_line(error, status, line, monkeypatch, capsys, tmp_path):

@@ -3,6 +3,7 @@ run's own trajectory, and options that name their bad field."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -191,6 +192,50 @@ def test_best_checkpoint_lies_on_the_final_trajectory(
     ckpt.close()
     assert meta["epoch"] == result.best_epoch == int(np.argmax(accuracies)) + 1
     assert meta["history"] == result.history[: meta["epoch"]]
+
+
+def _fit_student(ctx, epochs: int, teacher_seed: int):
+    """An ANN 'student' distilling from a ResNet18 teacher initialized with `teacher_seed`."""
+    model = create_model("resnet18", num_classes=10, width=0.0625, bn_axis_name="batch")
+    teacher = (model, jax.device_get(steps.init_variables(model, ctx.info, teacher_seed)))
+    return train.fit(
+        ctx,
+        stage="student",
+        model=model,
+        variables=steps.init_variables(model, ctx.info, 0),
+        options=train.FitOptions(num_epochs=epochs, batch_size=8, eval_batch_size=8),
+        teacher=teacher,
+    )
+
+
+def test_resume_refuses_what_would_not_be_exact(data_fashion_mnist_dir, tmp_path):
+    """A stage resumes only with the inputs its checkpoints were trained with: more epochs
+    under a cosine schedule (the rate of the trained steps would change) is refused, more
+    under the step schedule is not; other data or another teacher (by content, not path) is
+    refused, naming the stage and what to do."""
+    cosine = {"optimizer": optim.OptimizerOptions(schedule="cosine")}
+    ctx = _ctx(data_fashion_mnist_dir, tmp_path / "cosine")
+    _fit(ctx, 1, **cosine)
+    with pytest.raises(ValueError) as err:
+        _fit(ctx, 2, **cosine)
+    assert str(err.value) == (
+        f"[teacher] ({tmp_path / 'cosine' / 'teacher'}) num_epochs 1 -> 2 changes the learning "
+        "rate of the 6 steps already trained (schedule='cosine', warmup_epochs=0), so the run "
+        "would not equal one configured for 2 epochs from the start: keep num_epochs=1, or "
+        "use a new --workdir"
+    )
+    step = {"optimizer": optim.OptimizerOptions(lr_milestones=(1,))}
+    ctx = _ctx(data_fashion_mnist_dir, tmp_path / "step")
+    _fit(ctx, 1, **step)
+    assert len(_fit(ctx, 2, **step).history) == 2
+
+    ctx = dataclasses.replace(_ctx(data_fashion_mnist_dir, tmp_path / "kd"), data_fingerprint="a")
+    _fit_student(ctx, 1, teacher_seed=1)
+    with pytest.raises(ValueError, match=r"^\[student\] .* distilled from another teacher \("):
+        _fit_student(ctx, 2, teacher_seed=2)
+    with pytest.raises(ValueError, match=r"trained on other data \(fingerprint a -> b\)"):
+        _fit_student(dataclasses.replace(ctx, data_fingerprint="b"), 2, teacher_seed=1)
+    assert len(_fit_student(ctx, 2, teacher_seed=1).history) == 2
 
 
 @pytest.mark.parametrize(
