@@ -9,6 +9,7 @@ import pickle
 import subprocess
 import sys
 import tarfile
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -245,6 +246,89 @@ def test_bad_cifar_batch_is_named(tmp_path, name, member, payload, message):
             datasets.load_split(name, "test", str(root))
         assert str(err.value).startswith(f"{source}: "), str(err.value)
         assert "\n" not in str(err.value)
+
+
+class _Zeros(io.RawIOBase):
+    """`size` zero bytes read in chunks: a huge tar member the test never holds in memory."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self.left)
+        buffer[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+def _load_error_and_peak_mib(*args) -> tuple[str, float]:
+    """The ValueError message of `datasets.load_split(*args)` and the peak of the memory
+    Python allocated meanwhile (tracemalloc: bytes objects and NumPy arrays), in MiB."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError) as err:
+            datasets.load_split(*args)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return str(err.value), peak / 2**20
+
+
+def test_huge_archive_member_is_refused_before_reading(tmp_path):
+    """A 0.4 MB .tar.gz whose first batch declares (and holds) 100 MiB of zeros: refused from
+    the member's declared size, without reading it (the old reader held it all: 100 MiB)."""
+    archive = tmp_path / "cifar-10-binary.tar.gz"
+    with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
+        info = tarfile.TarInfo("cifar-10-batches-bin/data_batch_1.bin")
+        info.size = 100 * 2**20
+        tar.addfile(info, _Zeros(info.size))
+    assert archive.stat().st_size < 2**20
+    message, peak = _load_error_and_peak_mib("cifar10", "train", str(tmp_path))
+    assert message.startswith(
+        f"{archive}:cifar-10-batches-bin/data_batch_1.bin: declares 104857600 bytes; a CIFAR-10 "
+        "binary batch has 30730000 (10000 records of 3073 bytes)"
+    ), message
+    assert "\n" not in message
+    assert peak < 8, f"{peak:.0f} MiB allocated to refuse it"
+
+
+@pytest.mark.parametrize(
+    "name, member, size, message",
+    [
+        ("cifar10", "test_batch.bin", 30730000 + 3073, "a CIFAR-10 binary batch has 30730000"),
+        ("cifar100", "test.bin", 30740000 + 1, "a CIFAR-100 binary batch has 30740000"),
+        ("cifar100", "train", 200_000_000, "a CIFAR-100 python batch has at most 170700000"),
+        ("cifar10", "test_batch", 40_000_000, "a CIFAR-10 python batch has at most 34140000"),
+    ],
+)
+def test_huge_extracted_batch_is_refused_before_reading(tmp_path, name, member, size, message):
+    """An extracted batch file larger than the official one (sparse: no disk used) is refused
+    from its size on disk, before any read (the old reader read it whole)."""
+    _, folder, _ = CIFAR_FILES[(name, "binary" if member.endswith(".bin") else "python")]
+    path = tmp_path / folder / member
+    path.parent.mkdir()
+    with open(path, "wb") as f:
+        f.truncate(size)
+    split = "train" if member == "train" else "test"
+    error, peak = _load_error_and_peak_mib(name, split, str(tmp_path))
+    assert error.startswith(f"{path}: {size} bytes; {message}"), error
+    assert "\n" not in error
+    assert peak < 8, f"{peak:.0f} MiB allocated to refuse it"
+
+
+def test_official_size_binary_batch_still_loads(tmp_path):
+    """The bound is the official size itself: a test_batch.bin of exactly 10000 records
+    (zeros: label 0, black images) loads whole."""
+    path = tmp_path / "cifar-10-batches-bin" / "test_batch.bin"
+    path.parent.mkdir()
+    with open(path, "wb") as f:
+        f.truncate(10000 * 3073)
+    loaded = datasets.load_split("cifar10", "test", str(tmp_path))
+    assert loaded.images.shape == (10000, 32, 32, 3) and not loaded.images.any()
+    assert not loaded.labels.any()
 
 
 def test_extracted_cifar_folder_missing_a_batch(tmp_path, data_cifar_writer):
