@@ -450,6 +450,36 @@ def test_bad_idx_files_are_named(tmp_path, gz, damage, bad_file, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("gz", [True, False], ids=["gz", "raw"])
+def test_idx_header_declaring_too_many_images_is_refused(tmp_path, gz):
+    """An images file whose header declares 12755103 images (10^10 bytes), followed by
+    64 MiB of zeros: refused from its header, reading none of the body (the old reader read
+    the whole file first: 64 MiB raw, more through gzip)."""
+    header = bytes([0, 0, 8, 3]) + np.asarray((12755103, 28, 28), ">u4").tobytes()
+    path = tmp_path / f"{IMG}{'.gz' if gz else ''}"
+    with gzip.open(path, "wb", compresslevel=1) if gz else open(path, "wb") as f:
+        f.write(header)
+        for _ in range(64):
+            f.write(bytes(2**20))
+    (tmp_path / LAB).write_bytes(data_idx_bytes(LABELS))
+    message, peak = _load_error_and_peak_mib("fashion_mnist", "test", str(tmp_path))
+    assert message.startswith(
+        f"{path}: the IDX header declares 12755103 images; the official file has at most 10000"
+    ), message
+    assert "\n" not in message
+    assert peak < 8, f"{peak:.0f} MiB allocated to refuse it"
+
+
+def test_idx_trailing_data_is_named(tmp_path):
+    """Bytes after the items the header declares: the reader stops one byte past them."""
+    _put(tmp_path, labels=data_idx_bytes(LABELS) + bytes(2**20))
+    with pytest.raises(ValueError) as err:
+        datasets.load_split("fashion_mnist", "test", str(tmp_path))
+    assert str(err.value).startswith(
+        f"{tmp_path / LAB}: data continues past the 4 bytes the IDX header dims (4,) declare"
+    ), str(err.value)
+
+
 @pytest.mark.skipif(not HAVE_FASHION, reason="needs `apt-get install dataset-fashion-mnist`")
 def test_real_fashion_mnist():
     test = datasets.load_split("fashion_mnist", "test")
