@@ -185,9 +185,14 @@ def _load_fashion_mnist(split: str, data_dir: str, looked: list[str]) -> Split |
 # --- TFDS and the public loader -------------------------------------------------------------------
 
 
+def _tfds_where(name: str, split: str, data_dir: str | None) -> str:
+    """How errors and the places-looked list name a TFDS dataset."""
+    return f"TFDS {name!r} {split} in data_dir={data_dir or 'the TFDS default'}"
+
+
 def _tfds_source(name: str, split: str, data_dir: str | None, looked: list[str]):
     """The `tfds.data_source` of a prepared dataset (no TensorFlow needed), else None."""
-    looked.append(f"TFDS {name!r} in data_dir={data_dir or 'the TFDS default'}")
+    looked.append(_tfds_where(name, split, data_dir))
     try:
         import tensorflow_datasets as tfds  # Lazy: slow to import and never needed offline.
 
@@ -198,19 +203,20 @@ def _tfds_source(name: str, split: str, data_dir: str | None, looked: list[str])
         return None
 
 
-def _read_tfds(name: str, source, max_examples: int | None, rows: Rows) -> Split:
+def _read_tfds(info: DatasetInfo, source, where: str, max_examples: int | None, rows: Rows):
     """Reads the `rows` of the first `max_examples` (all if None) items of a TFDS data source
-    into a Split; no other item is read."""
+    into a Split; no other item is read. Errors start with `where` (`_tfds_where`)."""
     n = len(source) if max_examples is None else min(len(source), max_examples)
     # One at a time: the TFDS mock lacks __getitems__.
     examples = [source[i] for i in range(n)[rows(n)]]
-    expected = dataset_info(name).image_shape
+    expected = info.image_shape
     images = [np.asarray(ex["image"], np.uint8) for ex in examples]
     images = np.stack(images) if images else np.zeros((0, *expected), np.uint8)  # an empty part
-    labels = np.asarray([ex["label"] for ex in examples], np.int32)
     if images.shape[1:] != expected:
-        raise ValueError(f"TFDS {name!r} images are {images.shape[1:]}, expected {expected}.")
-    return Split(images, labels)
+        raise ValueError(f"{where}: images are {images.shape[1:]}, expected {expected}.")
+    labels = np.asarray([ex["label"] for ex in examples], np.int64)
+    cifar.check_labels(labels, info.num_classes, where)
+    return Split(images, labels.astype(np.int32))
 
 
 _HOW_TO_GET = {
@@ -258,7 +264,7 @@ def load_split(
         return Split(offline.images[keep].copy(), offline.labels[keep].copy())
     source = _tfds_source(name, split, data_dir, looked)
     if source is not None:
-        return _read_tfds(name, source, max_examples, rows)
+        return _read_tfds(info, source, _tfds_where(name, split, data_dir), max_examples, rows)
     raise FileNotFoundError(  # One line: the CLI prints it as its whole error message.
         f"No {info.name} {split} data found; looked at: {', '.join(looked)}. To get it: "
         f"{_HOW_TO_GET[name]}; or prepare it with TFDS: `tfds build {name} "

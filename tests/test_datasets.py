@@ -519,6 +519,20 @@ def test_tfds_data_source_under_mock(tmp_path, name, shape):
     assert "tensorflow" not in sys.modules
 
 
+@pytest.mark.parametrize("label, message", [(10, "label 10 at index 2"), (-1, "label -1 at")])
+def test_tfds_labels_out_of_range_are_named(tmp_path, label, message):
+    """TFDS examples whose labels leave [0, 10): the loader names the dataset and split (the
+    data source stands in for prepared files whose labels do not match the dataset)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    labels = [3, 0, label, 9]
+    examples = [{"image": np.zeros((32, 32, 3), np.uint8), "label": k} for k in labels]
+    mock = tfds.testing.mock_data(as_data_source_fn=lambda *args, **kwargs: examples)
+    with mock, pytest.raises(ValueError, match=message) as err:
+        datasets.load_split("cifar10", "train", str(tmp_path))
+    assert str(err.value).startswith(f"TFDS 'cifar10' train in data_dir={tmp_path}: label")
+    assert str(err.value).endswith("is outside [0, 10).")
+
+
 @pytest.mark.parametrize("name", ["cifar10", "fashion_mnist"])
 def test_missing_data_lists_every_place_looked(tmp_path, name):
     """An empty data directory: one line that lists every place looked at and how to get it."""
