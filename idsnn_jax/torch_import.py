@@ -7,7 +7,9 @@ Two layouts of names are understood, told apart by their keys:
   `layer{1..4}.<j>.{conv,bn}<k>`, `...downsample.{0,1}`, `fc`).
 A `module.` prefix (DistributedDataParallel) is dropped. Conv kernels go OIHW -> HWIO, the
 FC weight (out, in) -> (in, out), BatchNorm weight/bias/running stats to scale/bias/mean/var.
-Files are read without executing code: `torch.load(weights_only=True)` or safetensors.
+Files are read without executing code: safetensors, or `torch.load(weights_only=True)` with
+torch >= 2.10 only (older versions can run code from a crafted pickle: CVE-2025-32434,
+CVE-2026-24747; they are refused).
 """
 
 from __future__ import annotations
@@ -35,15 +37,37 @@ def is_torch_file(path: str) -> bool:
     return path.endswith(TORCH_SUFFIXES)
 
 
+# torch.load(weights_only=True) can run code from a crafted file before these versions.
+_TORCH_LOAD_FIXES = (((2, 6), "CVE-2025-32434"), ((2, 10), "CVE-2026-24747"))
+
+
+def check_torch_load_safe(path: str, version: str) -> None:
+    """ValueError naming `path` unless torch `version` has every `_TORCH_LOAD_FIXES` fix
+    (an unparsable version counts as unsafe)."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    have = tuple(map(int, match.groups())) if match else (0, 0)
+    cves = [cve for fixed, cve in _TORCH_LOAD_FIXES if have < fixed]
+    if cves:
+        raise ValueError(
+            f"{path}: refusing to torch.load a pickle checkpoint with torch {version}: before "
+            f"2.10, torch.load(weights_only=True) can run code from the file ({', '.join(cves)}); "
+            "upgrade torch (pip install 'torch>=2.10') or give the weights as .safetensors."
+        )
+
+
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
     """The tensors of a `.pt`/`.pth` state_dict (also one nested under 'state_dict', 'model'
-    or 'net') or of a `.safetensors` file, as NumPy arrays."""
+    or 'net') or of a `.safetensors` file, as NumPy arrays.
+
+    A `.safetensors` file holds raw tensors only. A `.pt`/`.pth` is a pickle: it is read with
+    `torch.load(weights_only=True)`, and only with torch >= 2.10 (`check_torch_load_safe`)."""
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file
 
         return dict(load_file(path))
     import torch
 
+    check_torch_load_safe(path, str(torch.__version__))
     loaded = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model", "net"):
         if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
@@ -135,7 +159,8 @@ def load_torch_teacher(path: str, variables: dict[str, Any]) -> dict[str, Any]:
     """`from_torch_state_dict` of the file at `path`; errors start with the file's path."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such PyTorch weights file")
+    state_dict = load_state_dict(path)  # its errors name `path` already
     try:
-        return from_torch_state_dict(load_state_dict(path), variables)
+        return from_torch_state_dict(state_dict, variables)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
