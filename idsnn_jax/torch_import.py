@@ -6,10 +6,10 @@ Two layouts of names are understood, told apart by their keys:
 - `torchvision`: torchvision's ResNet with a CIFAR stem (`conv1`, `bn1`,
   `layer{1..4}.<j>.{conv,bn}<k>`, `...downsample.{0,1}`, `fc`).
 A `module.` prefix (DistributedDataParallel) is dropped. Conv kernels go OIHW -> HWIO, the
-FC weight (out, in) -> (in, out), BatchNorm weight/bias/running stats to scale/bias/mean/var.
-Files are read without executing code: safetensors, or `torch.load(weights_only=True)` with
-torch >= 2.10 only (older versions can run code from a crafted pickle: CVE-2025-32434,
-CVE-2026-24747; they are refused).
+FC weight (out, in) -> (in, out), BatchNorm weight/bias/running stats to scale/bias/mean/var;
+float16/bfloat16 tensors come in as float32. Files are read without executing code:
+safetensors, or `torch.load(weights_only=True)` with torch >= 2.10 only (older versions can
+run code from a crafted pickle: CVE-2025-32434, CVE-2026-24747; they are refused).
 """
 
 from __future__ import annotations
@@ -55,18 +55,27 @@ def check_torch_load_safe(path: str, version: str) -> None:
         )
 
 
+def _to_numpy(tensor: Any) -> np.ndarray:
+    """A torch tensor as a NumPy array; float16/bfloat16 widened to float32 (exact) in torch,
+    since NumPy has no bfloat16. Float64 stays: the model's leaves decide the final dtype."""
+    tensor = tensor.detach().cpu()
+    if tensor.is_floating_point() and tensor.element_size() < 4:
+        tensor = tensor.float()
+    return tensor.numpy()
+
+
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
     """The tensors of a `.pt`/`.pth` state_dict (also one nested under 'state_dict', 'model'
-    or 'net') or of a `.safetensors` file, as NumPy arrays.
+    or 'net') or of a `.safetensors` file, as NumPy arrays (float16/bfloat16 as float32).
 
     A `.safetensors` file holds raw tensors only. A `.pt`/`.pth` is a pickle: it is read with
     `torch.load(weights_only=True)`, and only with torch >= 2.10 (`check_torch_load_safe`)."""
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
-        return dict(load_file(path))
     import torch
 
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return {k: _to_numpy(v) for k, v in load_file(path).items()}
     check_torch_load_safe(path, str(torch.__version__))
     loaded = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model", "net"):
@@ -74,7 +83,7 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
             loaded = loaded[key]
     if not isinstance(loaded, Mapping):
         raise ValueError(f"{path}: expected a state_dict, found a {type(loaded).__name__}")
-    return {k: v.detach().cpu().numpy() for k, v in loaded.items() if hasattr(v, "detach")}
+    return {k: _to_numpy(v) for k, v in loaded.items() if isinstance(v, torch.Tensor)}
 
 
 def detect_layout(keys: list[str]) -> str:

@@ -219,6 +219,29 @@ def _teacher_file(tmp_path, dtype, suffix):
     return path, state
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_teacher_imports_as_float32(tmp_path, dtype, suffix):
+    """A float16 or bfloat16 teacher: every floating tensor comes in as float32 with the
+    values torch's own cast gives (exact: both are widenings)."""
+    path, state = _teacher_file(tmp_path, getattr(torch, dtype), suffix)
+    loaded = torch_import.load_state_dict(path)
+    assert sorted(loaded) == sorted(state)
+    for key, value in state.items():
+        expected = value.float().numpy() if value.is_floating_point() else value.numpy()
+        assert loaded[key].dtype == expected.dtype, key
+        np.testing.assert_array_equal(loaded[key], expected, err_msg=key)
+    variables = torch_import.load_torch_teacher(path, _target())
+    np.testing.assert_array_equal(
+        variables["params"]["stem"]["conv"]["kernel"],
+        state["conv1.0.weight"].float().numpy().transpose(2, 3, 1, 0),
+    )
+    np.testing.assert_array_equal(
+        variables["batch_stats"]["stage4"]["block2"]["bn2"]["var"],
+        state["conv5_x.2.residual_function.4.running_var"].float().numpy(),
+    )
+
+
 @pytest.mark.parametrize(
     "version, cves",
     [("2.9.1", "CVE-2026-24747"), ("2.5.1+cu121", "CVE-2025-32434, CVE-2026-24747")],
