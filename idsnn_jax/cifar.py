@@ -206,22 +206,37 @@ def _read_file(path: str, layout: _CifarLayout, split: str) -> bytes:
     return raw
 
 
+_MAX_ENTRIES = 64  # entries scanned in an archive; the official ones hold 5 to 9
+
+
+def _find_member(tar: tarfile.TarFile, archive: str, name: str) -> tarfile.TarInfo:
+    """The entry `name` of `tar`, found by scanning at most `_MAX_ENTRIES` headers (tar headers
+    compress well: indexing a crafted archive whole could fill memory)."""
+    for i, info in enumerate(tar):  # lazily read; entries seen before are cached by `tar`
+        if info.name == name:
+            return info
+        if i + 1 >= _MAX_ENTRIES:
+            raise ValueError(
+                f"{archive}: more than {_MAX_ENTRIES} entries before {name}; an official "
+                "CIFAR archive holds at most 9: delete it and download it again."
+            )
+    raise ValueError(f"{archive} has no member {name}; is it corrupt?")
+
+
 def _read_archive(archive: str, layout: _CifarLayout, split: str) -> Iterator[tuple[str, bytes]]:
     """(source, bytes) of each batch file of `split` in the .tar.gz `archive`; ValueError
-    naming it if it is unreadable (truncated download, not a gzip, bad tar) or lacks one."""
+    naming it if it is unreadable (truncated download, not a gzip, bad tar), lacks one, or
+    one declares more than `layout.max_bytes` (checked before reading it)."""
     try:
         with tarfile.open(archive, "r:gz") as tar:
             for member in layout.members[split]:
                 name = f"{layout.folder}/{member}"
                 source = f"{archive}:{name}"
-                try:
-                    info = tar.getmember(name)
-                except KeyError:
-                    info = None
-                file = None if info is None else tar.extractfile(info)
+                info = _find_member(tar, archive, name)
+                file = tar.extractfile(info)
                 if file is None:
-                    raise ValueError(f"{archive} has no member {name}; is it corrupt?")
-                if info.size > layout.max_bytes(split):  # before reading any of it
+                    raise ValueError(f"{source}: not a regular file; is the archive corrupt?")
+                if info.size > layout.max_bytes(split):
                     raise layout.size_error(source, f"declares {info.size} bytes", split)
                 yield source, file.read(info.size)
     except ARCHIVE_ERRORS as err:
