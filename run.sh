@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-DATA=/usr/share/datasets/fashion-mnist  # Debian's dataset-fashion-mnist (IDX files)
+# Debian's dataset-fashion-mnist (IDX files); FASHION_MNIST_DIR=DIR reads them from DIR instead.
+DATA=${FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
 WORKDIR=runs/fashion_mnist
 
 say() { printf '[run.sh] %s\n' "$*"; }
@@ -43,9 +44,9 @@ prepare_data() {  # returns 1 (after saying what to do) when the data cannot be 
   fi
   say "Fashion-MNIST is not in $DATA and could not be installed here. Either run"
   say "  sudo apt-get install dataset-fashion-mnist   (Debian/Ubuntu)"
-  say "or put the four IDX files (train-images-idx3-ubyte.gz, ...) in a folder DIR and run"
-  say "  .venv/bin/python -m idsnn_jax.main --config=configs/fashion_mnist.py \\"
-  say "      --workdir=$WORKDIR --config.data_dir=DIR"
+  say "and then bash run.sh demo again, or put the four IDX files (train-images-idx3-ubyte.gz,"
+  say "...) in a folder DIR and run"
+  say "  FASHION_MNIST_DIR=DIR bash run.sh demo"
   return 1
 }
 
@@ -54,7 +55,8 @@ demo() {
   prepare_data || exit 1
   prepare_env
   say "training the embedded default (configs/fashion_mnist.py) in $WORKDIR"
-  .venv/bin/python -m idsnn_jax.main --config=configs/fashion_mnist.py --workdir="$WORKDIR"
+  .venv/bin/python -m idsnn_jax.main --config=configs/fashion_mnist.py --workdir="$WORKDIR" \
+    ${FASHION_MNIST_DIR:+--config.data_dir="$FASHION_MNIST_DIR"}
   echo
   .venv/bin/python experiments/summarize.py "$WORKDIR"
   say "plots: $WORKDIR/curves.png $WORKDIR/firing_rates.png"

@@ -8,7 +8,9 @@ globals an array needs: a crafted file cannot run code. `load_cifar` is the one 
 
 Every problem with a file (truncated or corrupt archive, bad pickle, wrong record size, pixel
 data of the wrong shape, labels out of range) is a one-line ValueError that starts with the
-file's path (``archive.tar.gz:member`` inside an archive).
+file's path (``archive.tar.gz:member`` inside an archive). A batch file larger than the
+official one is refused from its size on disk or the size its tar header declares, before
+any of it is read, so a small crafted archive cannot fill memory.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import math
 import os
 import pickle
 import tarfile
@@ -54,9 +57,12 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         return super().find_class(*target)
 
 
+PIXELS = 3 * 32 * 32  # bytes of one image, CHW
+
+
 def _parse_cifar_binary(raw: bytes, source: str, *, label_bytes: int):
     """Parses records of `label_bytes` label bytes + 3072 CHW pixel bytes (last label = fine)."""
-    record = label_bytes + 3 * 32 * 32
+    record = label_bytes + PIXELS
     if not raw or len(raw) % record:
         raise ValueError(
             f"{source}: {len(raw)} bytes is not a whole number of {record}-byte CIFAR records; "
@@ -80,15 +86,44 @@ def _parse_cifar_pickle(raw: bytes, source: str, *, label_key: bytes):
     return np.asarray(batch[b"data"]), np.asarray(batch[label_key])
 
 
+# The python batches hold a pickled dict (pixels, labels, file names). CIFAR-10's largest,
+# data_batch_3, is 31,035,999 bytes for 10,000 images (3,104 bytes an image); the bound allows
+# 1.1 times that, for CIFAR-100's second label list and longer file names.
+_PICKLE_BYTES_PER_IMAGE = math.ceil(1.1 * 31_035_999 / 10_000)  # 3414
+
+
 @dataclasses.dataclass(frozen=True)
 class _CifarLayout:
     archive: str  # file name of the official .tar.gz
     folder: str  # top folder inside it (also the extracted folder)
     members: dict[str, tuple[str, ...]]  # split -> file names inside `folder`
     parse: Callable[[bytes, str], tuple[np.ndarray, np.ndarray]]  # -> pixels, labels
+    kind: str  # what one file is, in words: 'CIFAR-10 binary batch'
+    images: dict[str, int]  # split -> images in each of its official files
+    record_bytes: int | None  # bytes of one binary record; None: a pickle
+
+    def max_bytes(self, split: str) -> int:
+        """The most bytes one file of `split` may hold: the official file's size (binary) or
+        a bound 10% above it (python). Smaller files are read (tiny test sets)."""
+        return self.images[split] * (self.record_bytes or _PICKLE_BYTES_PER_IMAGE)
+
+    def size_error(self, source: str, size: str, split: str) -> ValueError:
+        """The one-line error for the file of `split` at `source`, of too large a `size`."""
+        n, limit = self.images[split], self.max_bytes(split)
+        if self.record_bytes:
+            official = f"has {limit} ({n} records of {self.record_bytes} bytes)"
+        else:
+            per = _PICKLE_BYTES_PER_IMAGE
+            official = f"has at most {limit} ({n} images of at most {per} bytes, 1.1x official)"
+        return ValueError(
+            f"{source}: {size}; a {self.kind} {official}: not an official file, delete it "
+            "and download it again."
+        )
 
 
 _CIFAR10_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+_CIFAR10_IMAGES = {"train": 10000, "test": 10000}  # in each batch file
+_CIFAR100_IMAGES = {"train": 50000, "test": 10000}
 _CIFAR_LAYOUTS = {  # Binary first: it needs no unpickling.
     "cifar10": (
         _CifarLayout(
@@ -96,12 +131,18 @@ _CIFAR_LAYOUTS = {  # Binary first: it needs no unpickling.
             "cifar-10-batches-bin",
             {"train": tuple(f"{b}.bin" for b in _CIFAR10_BATCHES), "test": ("test_batch.bin",)},
             functools.partial(_parse_cifar_binary, label_bytes=1),
+            "CIFAR-10 binary batch",
+            _CIFAR10_IMAGES,
+            1 + PIXELS,
         ),
         _CifarLayout(
             "cifar-10-python.tar.gz",
             "cifar-10-batches-py",
             {"train": _CIFAR10_BATCHES, "test": ("test_batch",)},
             functools.partial(_parse_cifar_pickle, label_key=b"labels"),
+            "CIFAR-10 python batch",
+            _CIFAR10_IMAGES,
+            None,
         ),
     ),
     "cifar100": (
@@ -110,12 +151,18 @@ _CIFAR_LAYOUTS = {  # Binary first: it needs no unpickling.
             "cifar-100-binary",
             {"train": ("train.bin",), "test": ("test.bin",)},
             functools.partial(_parse_cifar_binary, label_bytes=2),
+            "CIFAR-100 binary batch",
+            _CIFAR100_IMAGES,
+            2 + PIXELS,
         ),
         _CifarLayout(
             "cifar-100-python.tar.gz",
             "cifar-100-python",
             {"train": ("train",), "test": ("test",)},
             functools.partial(_parse_cifar_pickle, label_key=b"fine_labels"),
+            "CIFAR-100 python batch",
+            _CIFAR100_IMAGES,
+            None,
         ),
     ),
 }
@@ -140,26 +187,58 @@ def _read_cifar_members(
                     f"{path} is missing: an extracted {layout.folder} must hold "
                     f"{', '.join(layout.members[split])}."
                 )
-            with open(path, "rb") as f:
-                yield path, f.read()
+            yield path, _read_file(path, layout, split)
     elif os.path.isfile(archive):
         yield from _read_archive(archive, layout, split)
 
 
+def _read_file(path: str, layout: _CifarLayout, split: str) -> bytes:
+    """The bytes of the extracted batch file `path` of `split`; its size is checked against
+    `layout.max_bytes` before reading, and at most one byte more is read."""
+    limit = layout.max_bytes(split)
+    size = os.path.getsize(path)
+    if size > limit:
+        raise layout.size_error(path, f"{size} bytes", split)
+    with open(path, "rb") as f:
+        raw = f.read(limit + 1)
+    if len(raw) > limit:  # grew since the size was read
+        raise layout.size_error(path, f"more than {limit} bytes", split)
+    return raw
+
+
+_MAX_ENTRIES = 64  # entries scanned in an archive; the official ones hold 5 to 9
+
+
+def _find_member(tar: tarfile.TarFile, archive: str, name: str) -> tarfile.TarInfo:
+    """The entry `name` of `tar`, found by scanning at most `_MAX_ENTRIES` headers (tar headers
+    compress well: indexing a crafted archive whole could fill memory)."""
+    for i, info in enumerate(tar):  # lazily read; entries seen before are cached by `tar`
+        if info.name == name:
+            return info
+        if i + 1 >= _MAX_ENTRIES:
+            raise ValueError(
+                f"{archive}: more than {_MAX_ENTRIES} entries before {name}; an official "
+                "CIFAR archive holds at most 9: delete it and download it again."
+            )
+    raise ValueError(f"{archive} has no member {name}; is it corrupt?")
+
+
 def _read_archive(archive: str, layout: _CifarLayout, split: str) -> Iterator[tuple[str, bytes]]:
     """(source, bytes) of each batch file of `split` in the .tar.gz `archive`; ValueError
-    naming it if it is unreadable (truncated download, not a gzip, bad tar) or lacks one."""
+    naming it if it is unreadable (truncated download, not a gzip, bad tar), lacks one, or
+    one declares more than `layout.max_bytes` (checked before reading it)."""
     try:
         with tarfile.open(archive, "r:gz") as tar:
             for member in layout.members[split]:
                 name = f"{layout.folder}/{member}"
-                try:
-                    file = tar.extractfile(name)
-                except KeyError:
-                    file = None
+                source = f"{archive}:{name}"
+                info = _find_member(tar, archive, name)
+                file = tar.extractfile(info)
                 if file is None:
-                    raise ValueError(f"{archive} has no member {name}; is it corrupt?")
-                yield f"{archive}:{name}", file.read()
+                    raise ValueError(f"{source}: not a regular file; is the archive corrupt?")
+                if info.size > layout.max_bytes(split):
+                    raise layout.size_error(source, f"declares {info.size} bytes", split)
+                yield source, file.read(info.size)
     except ARCHIVE_ERRORS as err:
         raise ValueError(
             f"{archive}: not a readable .tar.gz ({type(err).__name__}: {err}); the download "

@@ -13,8 +13,9 @@ optional extra) and, often, without internet. So `load_split` reads, in order,
 
 Bad files fail before any work, each with a one-line error that starts with the file's path:
 truncated or corrupt archives and gzip streams, wrong IDX magic or item counts, images of the
-wrong shape, labels outside [0, num_classes), empty files; a data_dir with nothing usable is a
-FileNotFoundError listing every place looked at.
+wrong shape, labels outside [0, num_classes), empty files, files (or IDX headers) larger than
+the official ones, refused from their declared size before reading; a data_dir with nothing
+usable is a FileNotFoundError listing every place looked at.
 
 A whole split fits in host memory (CIFAR train: 150 MB of uint8); batching and augmentation
 are in `idsnn_jax.input_pipeline`.
@@ -28,9 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import math
 import os
 import zlib
 from collections.abc import Callable
+from typing import BinaryIO
 
 import numpy as np
 
@@ -94,60 +97,83 @@ class Split:
 # --- Fashion-MNIST: IDX files ---------------------------------------------------------------------
 
 
-def _parse_idx(raw: bytes, source: str, ndim: int) -> np.ndarray:
-    """Parses an IDX file of unsigned bytes: magic 0,0,0x08,ndim; ndim big-endian uint32 dims."""
-    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08" or raw[3] != ndim:
+_FASHION_MNIST_SHAPE = (28, 28)
+_FASHION_MNIST_SIZES = {"train": 60000, "test": 10000}  # examples in the official files
+
+
+def _idx_dims(f: BinaryIO, source: str, ndim: int) -> tuple[int, ...]:
+    """The dims of an IDX file of unsigned bytes, read from its header (magic 0,0,0x08,ndim;
+    ndim big-endian uint32 dims), leaving `f` at the first data byte."""
+    magic = f.read(4)
+    if len(magic) < 4 or magic[:3] != b"\x00\x00\x08" or magic[3] != ndim:
         raise ValueError(
-            f"{source}: bad IDX magic {raw[:4].hex()}; expected 000008{ndim:02x} "
+            f"{source}: bad IDX magic {magic.hex()}; expected 000008{ndim:02x} "
             f"(unsigned bytes, {ndim} dims)."
         )
-    header = 4 + 4 * ndim
-    if len(raw) < header:
+    raw = f.read(4 * ndim)
+    if len(raw) < 4 * ndim:
         raise ValueError(
-            f"{source}: {len(raw)} bytes, shorter than the {header}-byte IDX header; the file "
-            "is truncated."
+            f"{source}: {4 + len(raw)} bytes, shorter than the {4 + 4 * ndim}-byte IDX header; "
+            "the file is truncated."
         )
-    dims = tuple(int(d) for d in np.frombuffer(raw[4:header], ">u4"))
-    if len(raw) - header != int(np.prod(dims)):
-        raise ValueError(
-            f"{source}: {len(raw) - header} data bytes do not match the IDX header dims {dims} "
-            f"({int(np.prod(dims))} bytes); the file is truncated or corrupt."
-        )
-    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+    return tuple(int(d) for d in np.frombuffer(raw, ">u4"))
 
 
-def _read_idx(data_dir: str, stem: str, ndim: int, looked: list[str]):
-    """(path, array) of `stem` or `stem.gz` in `data_dir`, else None."""
+def _read_idx_items(f: BinaryIO, source: str, what: str, item_shape: tuple, limit: int):
+    """The (N, *item_shape) uint8 array of an IDX file whose header is checked first (item
+    shape, 1 <= N <= `limit`), so a crafted header allocates nothing; reads the N items and
+    one byte more, to name data past them."""
+    dims = _idx_dims(f, source, 1 + len(item_shape))
+    if dims[1:] != item_shape or not dims[0]:
+        shape = f"(N, {', '.join(map(str, item_shape))})" if item_shape else "(N,)"
+        raise ValueError(f"{source}: {what} must be {shape} with N >= 1, got {dims}.")
+    if dims[0] > limit:
+        raise ValueError(
+            f"{source}: the IDX header declares {dims[0]} {what}; the official file has at "
+            f"most {limit}: this one is corrupt or crafted, replace it."
+        )
+    size = math.prod(dims)
+    raw = f.read(size + 1)
+    if len(raw) > size:
+        raise ValueError(
+            f"{source}: data continues past the {size} bytes the IDX header dims {dims} "
+            "declare; the file is corrupt."
+        )
+    if len(raw) < size:
+        raise ValueError(
+            f"{source}: {len(raw)} data bytes do not match the IDX header dims {dims} "
+            f"({size} bytes); the file is truncated or corrupt."
+        )
+    return np.frombuffer(raw, np.uint8).reshape(dims)
+
+
+def _read_idx(data_dir: str, stem: str, what: str, item_shape: tuple, limit: int, looked: list):
+    """(path, array) of the IDX file `stem` or `stem.gz` in `data_dir` (`_read_idx_items`),
+    else None."""
     for suffix, opener in (("", open), (".gz", gzip.open)):
         path = os.path.join(data_dir, stem + suffix)
         looked.append(path)
         if os.path.isfile(path):
             try:
                 with opener(path, "rb") as f:
-                    raw = f.read()
+                    return path, _read_idx_items(f, path, what, item_shape, limit)
             except (OSError, EOFError, zlib.error) as err:  # truncated or corrupt gzip
                 raise ValueError(
                     f"{path}: cannot be read ({type(err).__name__}: {err}); the file is "
                     "truncated or corrupt."
                 ) from err
-            return path, _parse_idx(raw, path, ndim)
     return None
 
 
-_FASHION_MNIST_SHAPE = (28, 28)
-
-
 def _load_fashion_mnist(split: str, data_dir: str, looked: list[str]) -> Split | None:
-    prefix = {"train": "train", "test": "t10k"}[split]
-    images = _read_idx(data_dir, f"{prefix}-images-idx3-ubyte", 3, looked)
-    labels = _read_idx(data_dir, f"{prefix}-labels-idx1-ubyte", 1, looked)
+    prefix, limit = {"train": "train", "test": "t10k"}[split], _FASHION_MNIST_SIZES[split]
+    images = _read_idx(
+        data_dir, f"{prefix}-images-idx3-ubyte", "images", _FASHION_MNIST_SHAPE, limit, looked
+    )
+    labels = _read_idx(data_dir, f"{prefix}-labels-idx1-ubyte", "labels", (), limit, looked)
     if images is None or labels is None:
         return None
     (images_path, images), (labels_path, labels) = images, labels
-    if images.shape[1:] != _FASHION_MNIST_SHAPE or not len(images):
-        raise ValueError(
-            f"{images_path}: images must be (N, 28, 28) with N >= 1, got {images.shape}."
-        )
     if len(images) != len(labels):
         raise ValueError(
             f"{labels_path}: {len(labels)} labels but {len(images)} images in {images_path}."
@@ -159,9 +185,14 @@ def _load_fashion_mnist(split: str, data_dir: str, looked: list[str]) -> Split |
 # --- TFDS and the public loader -------------------------------------------------------------------
 
 
+def _tfds_where(name: str, split: str, data_dir: str | None) -> str:
+    """How errors and the places-looked list name a TFDS dataset."""
+    return f"TFDS {name!r} {split} in data_dir={data_dir or 'the TFDS default'}"
+
+
 def _tfds_source(name: str, split: str, data_dir: str | None, looked: list[str]):
     """The `tfds.data_source` of a prepared dataset (no TensorFlow needed), else None."""
-    looked.append(f"TFDS {name!r} in data_dir={data_dir or 'the TFDS default'}")
+    looked.append(_tfds_where(name, split, data_dir))
     try:
         import tensorflow_datasets as tfds  # Lazy: slow to import and never needed offline.
 
@@ -172,19 +203,20 @@ def _tfds_source(name: str, split: str, data_dir: str | None, looked: list[str])
         return None
 
 
-def _read_tfds(name: str, source, max_examples: int | None, rows: Rows) -> Split:
+def _read_tfds(info: DatasetInfo, source, where: str, max_examples: int | None, rows: Rows):
     """Reads the `rows` of the first `max_examples` (all if None) items of a TFDS data source
-    into a Split; no other item is read."""
+    into a Split; no other item is read. Errors start with `where` (`_tfds_where`)."""
     n = len(source) if max_examples is None else min(len(source), max_examples)
     # One at a time: the TFDS mock lacks __getitems__.
     examples = [source[i] for i in range(n)[rows(n)]]
-    expected = dataset_info(name).image_shape
+    expected = info.image_shape
     images = [np.asarray(ex["image"], np.uint8) for ex in examples]
     images = np.stack(images) if images else np.zeros((0, *expected), np.uint8)  # an empty part
-    labels = np.asarray([ex["label"] for ex in examples], np.int32)
     if images.shape[1:] != expected:
-        raise ValueError(f"TFDS {name!r} images are {images.shape[1:]}, expected {expected}.")
-    return Split(images, labels)
+        raise ValueError(f"{where}: images are {images.shape[1:]}, expected {expected}.")
+    labels = np.asarray([ex["label"] for ex in examples], np.int64)
+    cifar.check_labels(labels, info.num_classes, where)
+    return Split(images, labels.astype(np.int32))
 
 
 _HOW_TO_GET = {
@@ -232,7 +264,7 @@ def load_split(
         return Split(offline.images[keep].copy(), offline.labels[keep].copy())
     source = _tfds_source(name, split, data_dir, looked)
     if source is not None:
-        return _read_tfds(name, source, max_examples, rows)
+        return _read_tfds(info, source, _tfds_where(name, split, data_dir), max_examples, rows)
     raise FileNotFoundError(  # One line: the CLI prints it as its whole error message.
         f"No {info.name} {split} data found; looked at: {', '.join(looked)}. To get it: "
         f"{_HOW_TO_GET[name]}; or prepare it with TFDS: `tfds build {name} "

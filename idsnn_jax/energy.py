@@ -88,8 +88,9 @@ def counted_apply(
     """`model.apply(variables, images, **apply_kwargs)` and, per weighted layer `path`,
     `{'sops/<path>': (B,), 'macs/<path>': (B,)}` per image (one of the two is zeros).
 
-    A spiking model (`time_steps > 1` or a spiking activation) counts SOPs for every layer
-    but the stem and the head, whose inputs are analog; an ANN counts MACs everywhere.
+    A spiking model (`model.spiking`: its activation emits spikes, at any `time_steps`)
+    counts SOPs for every layer but the stem and the head, whose inputs are analog; an ANN
+    counts MACs everywhere.
     """
     seen: list[tuple[nn.Module, jax.Array]] = []
 
@@ -100,7 +101,7 @@ def counted_apply(
 
     with nn.intercept_methods(interceptor):
         out = model.apply(variables, images, **apply_kwargs)
-    spiking = getattr(model, "bn_scale_init", 1.0) != 1.0 or getattr(model, "time_steps", 1) > 1
+    spiking = model.spiking
     batch = images.shape[0]
     counts: dict[str, jax.Array] = {}
     for module, x in seen:

@@ -6,8 +6,10 @@ Two layouts of names are understood, told apart by their keys:
 - `torchvision`: torchvision's ResNet with a CIFAR stem (`conv1`, `bn1`,
   `layer{1..4}.<j>.{conv,bn}<k>`, `...downsample.{0,1}`, `fc`).
 A `module.` prefix (DistributedDataParallel) is dropped. Conv kernels go OIHW -> HWIO, the
-FC weight (out, in) -> (in, out), BatchNorm weight/bias/running stats to scale/bias/mean/var.
-Files are read without executing code: `torch.load(weights_only=True)` or safetensors.
+FC weight (out, in) -> (in, out), BatchNorm weight/bias/running stats to scale/bias/mean/var;
+float16/bfloat16 tensors come in as float32. Files are read without executing code:
+safetensors, or `torch.load(weights_only=True)` with torch >= 2.10 only (older versions can
+run code from a crafted pickle: CVE-2025-32434, CVE-2026-24747; they are refused).
 """
 
 from __future__ import annotations
@@ -35,22 +37,53 @@ def is_torch_file(path: str) -> bool:
     return path.endswith(TORCH_SUFFIXES)
 
 
+# torch.load(weights_only=True) can run code from a crafted file before these versions.
+_TORCH_LOAD_FIXES = (((2, 6), "CVE-2025-32434"), ((2, 10), "CVE-2026-24747"))
+
+
+def check_torch_load_safe(path: str, version: str) -> None:
+    """ValueError naming `path` unless torch `version` has every `_TORCH_LOAD_FIXES` fix
+    (an unparsable version counts as unsafe)."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    have = tuple(map(int, match.groups())) if match else (0, 0)
+    cves = [cve for fixed, cve in _TORCH_LOAD_FIXES if have < fixed]
+    if cves:
+        raise ValueError(
+            f"{path}: refusing to torch.load a pickle checkpoint with torch {version}: before "
+            f"2.10, torch.load(weights_only=True) can run code from the file ({', '.join(cves)}); "
+            "upgrade torch (pip install 'torch>=2.10') or give the weights as .safetensors."
+        )
+
+
+def _to_numpy(tensor: Any) -> np.ndarray:
+    """A torch tensor as a NumPy array; float16/bfloat16 widened to float32 (exact) in torch,
+    since NumPy has no bfloat16. Float64 stays: the model's leaves decide the final dtype."""
+    tensor = tensor.detach().cpu()
+    if tensor.is_floating_point() and tensor.element_size() < 4:
+        tensor = tensor.float()
+    return tensor.numpy()
+
+
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
     """The tensors of a `.pt`/`.pth` state_dict (also one nested under 'state_dict', 'model'
-    or 'net') or of a `.safetensors` file, as NumPy arrays."""
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
+    or 'net') or of a `.safetensors` file, as NumPy arrays (float16/bfloat16 as float32).
 
-        return dict(load_file(path))
+    A `.safetensors` file holds raw tensors only. A `.pt`/`.pth` is a pickle: it is read with
+    `torch.load(weights_only=True)`, and only with torch >= 2.10 (`check_torch_load_safe`)."""
     import torch
 
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return {k: _to_numpy(v) for k, v in load_file(path).items()}
+    check_torch_load_safe(path, str(torch.__version__))
     loaded = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model", "net"):
         if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
             loaded = loaded[key]
     if not isinstance(loaded, Mapping):
         raise ValueError(f"{path}: expected a state_dict, found a {type(loaded).__name__}")
-    return {k: v.detach().cpu().numpy() for k, v in loaded.items() if hasattr(v, "detach")}
+    return {k: _to_numpy(v) for k, v in loaded.items() if isinstance(v, torch.Tensor)}
 
 
 def detect_layout(keys: list[str]) -> str:
@@ -135,7 +168,8 @@ def load_torch_teacher(path: str, variables: dict[str, Any]) -> dict[str, Any]:
     """`from_torch_state_dict` of the file at `path`; errors start with the file's path."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such PyTorch weights file")
+    state_dict = load_state_dict(path)  # its errors name `path` already
     try:
-        return from_torch_state_dict(load_state_dict(path), variables)
+        return from_torch_state_dict(state_dict, variables)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None

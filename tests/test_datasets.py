@@ -9,6 +9,7 @@ import pickle
 import subprocess
 import sys
 import tarfile
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -247,6 +248,104 @@ def test_bad_cifar_batch_is_named(tmp_path, name, member, payload, message):
         assert "\n" not in str(err.value)
 
 
+class _Zeros(io.RawIOBase):
+    """`size` zero bytes read in chunks: a huge tar member the test never holds in memory."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self.left)
+        buffer[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+def _load_error_and_peak_mib(*args) -> tuple[str, float]:
+    """The ValueError message of `datasets.load_split(*args)` and the peak of the memory
+    Python allocated meanwhile (tracemalloc: bytes objects and NumPy arrays), in MiB."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError) as err:
+            datasets.load_split(*args)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return str(err.value), peak / 2**20
+
+
+def test_huge_archive_member_is_refused_before_reading(tmp_path):
+    """A 0.4 MB .tar.gz whose first batch declares (and holds) 100 MiB of zeros: refused from
+    the member's declared size, without reading it (the old reader held it all: 100 MiB)."""
+    archive = tmp_path / "cifar-10-binary.tar.gz"
+    with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
+        info = tarfile.TarInfo("cifar-10-batches-bin/data_batch_1.bin")
+        info.size = 100 * 2**20
+        tar.addfile(info, _Zeros(info.size))
+    assert archive.stat().st_size < 2**20
+    message, peak = _load_error_and_peak_mib("cifar10", "train", str(tmp_path))
+    assert message.startswith(
+        f"{archive}:cifar-10-batches-bin/data_batch_1.bin: declares 104857600 bytes; a CIFAR-10 "
+        "binary batch has 30730000 (10000 records of 3073 bytes)"
+    ), message
+    assert "\n" not in message
+    assert peak < 8, f"{peak:.0f} MiB allocated to refuse it"
+
+
+def test_archive_of_many_entries_is_refused(tmp_path):
+    """Entries past the 64 an official archive could hold are not scanned: tar headers
+    compress well (200,000 empty entries: a 1.9 MB .tar.gz that the old reader indexed
+    whole, 83 MiB traced, before saying the batch was missing)."""
+    archive = tmp_path / "cifar-10-binary.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for i in range(65):
+            tar.addfile(tarfile.TarInfo(f"cifar-10-batches-bin/empty_{i}"))
+    with pytest.raises(ValueError) as err:
+        datasets.load_split("cifar10", "test", str(tmp_path))
+    assert str(err.value).startswith(
+        f"{archive}: more than 64 entries before cifar-10-batches-bin/test_batch.bin"
+    ), str(err.value)
+
+
+@pytest.mark.parametrize(
+    "name, member, size, message",
+    [
+        ("cifar10", "test_batch.bin", 30730000 + 3073, "a CIFAR-10 binary batch has 30730000"),
+        ("cifar100", "test.bin", 30740000 + 1, "a CIFAR-100 binary batch has 30740000"),
+        ("cifar100", "train", 200_000_000, "a CIFAR-100 python batch has at most 170700000"),
+        ("cifar10", "test_batch", 40_000_000, "a CIFAR-10 python batch has at most 34140000"),
+    ],
+)
+def test_huge_extracted_batch_is_refused_before_reading(tmp_path, name, member, size, message):
+    """An extracted batch file larger than the official one (sparse: no disk used) is refused
+    from its size on disk, before any read (the old reader read it whole)."""
+    _, folder, _ = CIFAR_FILES[(name, "binary" if member.endswith(".bin") else "python")]
+    path = tmp_path / folder / member
+    path.parent.mkdir()
+    with open(path, "wb") as f:
+        f.truncate(size)
+    split = "train" if member == "train" else "test"
+    error, peak = _load_error_and_peak_mib(name, split, str(tmp_path))
+    assert error.startswith(f"{path}: {size} bytes; {message}"), error
+    assert "\n" not in error
+    assert peak < 8, f"{peak:.0f} MiB allocated to refuse it"
+
+
+def test_official_size_binary_batch_still_loads(tmp_path):
+    """The bound is the official size itself: a test_batch.bin of exactly 10000 records
+    (zeros: label 0, black images) loads whole."""
+    path = tmp_path / "cifar-10-batches-bin" / "test_batch.bin"
+    path.parent.mkdir()
+    with open(path, "wb") as f:
+        f.truncate(10000 * 3073)
+    loaded = datasets.load_split("cifar10", "test", str(tmp_path))
+    assert loaded.images.shape == (10000, 32, 32, 3) and not loaded.images.any()
+    assert not loaded.labels.any()
+
+
 def test_extracted_cifar_folder_missing_a_batch(tmp_path, data_cifar_writer):
     data_cifar_writer(tmp_path, "cifar10", "binary", packed=False)
     missing = tmp_path / "cifar-10-batches-bin" / "data_batch_4.bin"
@@ -366,6 +465,36 @@ def test_bad_idx_files_are_named(tmp_path, gz, damage, bad_file, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("gz", [True, False], ids=["gz", "raw"])
+def test_idx_header_declaring_too_many_images_is_refused(tmp_path, gz):
+    """An images file whose header declares 12755103 images (10^10 bytes), followed by
+    64 MiB of zeros: refused from its header, reading none of the body (the old reader read
+    the whole file first: 64 MiB raw, more through gzip)."""
+    header = bytes([0, 0, 8, 3]) + np.asarray((12755103, 28, 28), ">u4").tobytes()
+    path = tmp_path / f"{IMG}{'.gz' if gz else ''}"
+    with gzip.open(path, "wb", compresslevel=1) if gz else open(path, "wb") as f:
+        f.write(header)
+        for _ in range(64):
+            f.write(bytes(2**20))
+    (tmp_path / LAB).write_bytes(data_idx_bytes(LABELS))
+    message, peak = _load_error_and_peak_mib("fashion_mnist", "test", str(tmp_path))
+    assert message.startswith(
+        f"{path}: the IDX header declares 12755103 images; the official file has at most 10000"
+    ), message
+    assert "\n" not in message
+    assert peak < 8, f"{peak:.0f} MiB allocated to refuse it"
+
+
+def test_idx_trailing_data_is_named(tmp_path):
+    """Bytes after the items the header declares: the reader stops one byte past them."""
+    _put(tmp_path, labels=data_idx_bytes(LABELS) + bytes(2**20))
+    with pytest.raises(ValueError) as err:
+        datasets.load_split("fashion_mnist", "test", str(tmp_path))
+    assert str(err.value).startswith(
+        f"{tmp_path / LAB}: data continues past the 4 bytes the IDX header dims (4,) declare"
+    ), str(err.value)
+
+
 @pytest.mark.skipif(not HAVE_FASHION, reason="needs `apt-get install dataset-fashion-mnist`")
 def test_real_fashion_mnist():
     test = datasets.load_split("fashion_mnist", "test")
@@ -403,6 +532,20 @@ def test_tfds_data_source_under_mock(tmp_path, name, shape):
     assert loaded.labels.tolist() == [int(ex["label"]) for ex in reference]
     np.testing.assert_array_equal(short.images, loaded.images[:4])
     assert "tensorflow" not in sys.modules
+
+
+@pytest.mark.parametrize("label, message", [(10, "label 10 at index 2"), (-1, "label -1 at")])
+def test_tfds_labels_out_of_range_are_named(tmp_path, label, message):
+    """TFDS examples whose labels leave [0, 10): the loader names the dataset and split (the
+    data source stands in for prepared files whose labels do not match the dataset)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    labels = [3, 0, label, 9]
+    examples = [{"image": np.zeros((32, 32, 3), np.uint8), "label": k} for k in labels]
+    mock = tfds.testing.mock_data(as_data_source_fn=lambda *args, **kwargs: examples)
+    with mock, pytest.raises(ValueError, match=message) as err:
+        datasets.load_split("cifar10", "train", str(tmp_path))
+    assert str(err.value).startswith(f"TFDS 'cifar10' train in data_dir={tmp_path}: label")
+    assert str(err.value).endswith("is outside [0, 10).")
 
 
 @pytest.mark.parametrize("name", ["cifar10", "fashion_mnist"])

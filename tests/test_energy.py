@@ -19,8 +19,10 @@ def _images():
     return jnp.asarray(np.random.default_rng(0).normal(size=(B, 8, 8, 3)) * 2, jnp.float32)
 
 
-def _spiking():
-    model = create_model("spiking_resnet18", num_classes=10, width=0.0625, time_steps=T)
+def _spiking(time_steps=T, v_th=0.5):
+    model = create_model(
+        "spiking_resnet18", num_classes=10, width=0.0625, time_steps=time_steps, v_th=v_th
+    )
     variables = model.init(jax.random.key(0), _images())
     # Double every BN scale: more spikes than at init, so every layer has some.
     variables = jax.tree_util.tree_map_with_path(
@@ -30,12 +32,14 @@ def _spiking():
 
 
 def _per_image(values: np.ndarray) -> np.ndarray:
-    """(T * B,) -> (B,): summed over time."""
-    return values.reshape(T, B).sum(axis=0)
+    """(T' * B,) -> (B,): summed over the T' time steps."""
+    return values.reshape(-1, B).sum(axis=0)
 
 
-def test_spiking_counts_equal_numpy_loops():
-    model, variables = _spiking()
+# T = 1 with v_th = 1.0: BN scales start at 1.0, as in an ANN; still a spiking network.
+@pytest.mark.parametrize("time_steps, v_th", [(T, 0.5), (1, 1.0)])
+def test_spiking_counts_equal_numpy_loops(time_steps, v_th):
+    model, variables = _spiking(time_steps, v_th)
     images = _images()
     (_, inter), counts = energy.counted_apply(
         model, variables, images, train=False, capture_intermediates=True, mutable=["intermediates"]
@@ -52,7 +56,7 @@ def test_spiking_counts_equal_numpy_loops():
     expected = _per_image(ref.synaptic_events(spikes, 1, 2, 0, 8))
     np.testing.assert_allclose(counts["sops/stage2/block0/shortcut_conv"], expected)
     # The stem (analog image, every step) and the head (once) count MACs: connections.
-    ones = np.ones((T * B, 8, 8, 3))
+    ones = np.ones((time_steps * B, 8, 8, 3))
     np.testing.assert_allclose(
         counts["macs/stem/conv"], _per_image(ref.synaptic_events(ones, 3, 1, 1, 4))
     )
@@ -65,6 +69,7 @@ def test_spiking_counts_equal_numpy_loops():
 
 def test_ann_counts_every_connection():
     model = create_model("resnet18", num_classes=10, width=0.0625)
+    assert not model.spiking and _spiking(1, 1.0)[0].spiking
     images = _images()
     variables = model.init(jax.random.key(0), images)
     _, counts = energy.counted_apply(model, variables, images, train=False)

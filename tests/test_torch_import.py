@@ -200,3 +200,69 @@ def test_pipeline_takes_a_pytorch_teacher(data_fashion_mnist_dir, tmp_path):
         ValueError, match=r"teacher\.pth: state_dict key 'fc\.weight' is \(10, 32\)"
     ):
         pipeline.run(bad, str(tmp_path / "bad"))
+
+
+def _teacher_file(tmp_path, dtype, suffix):
+    """The trained teacher's state_dict in `dtype` (every floating tensor; the BN counters
+    stay int64), saved as `suffix`; returns (path, the state_dict)."""
+    state = {
+        k: v.to(dtype) if v.is_floating_point() else v
+        for k, v in _trained_torch_teacher().state_dict().items()
+    }
+    path = str(tmp_path / f"teacher{suffix}")
+    if suffix == ".pt":
+        torch.save(state, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+    return path, state
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_teacher_imports_as_float32(tmp_path, dtype, suffix):
+    """A float16 or bfloat16 teacher: every floating tensor comes in as float32 with the
+    values torch's own cast gives (exact: both are widenings)."""
+    path, state = _teacher_file(tmp_path, getattr(torch, dtype), suffix)
+    loaded = torch_import.load_state_dict(path)
+    assert sorted(loaded) == sorted(state)
+    for key, value in state.items():
+        expected = value.float().numpy() if value.is_floating_point() else value.numpy()
+        assert loaded[key].dtype == expected.dtype, key
+        np.testing.assert_array_equal(loaded[key], expected, err_msg=key)
+    variables = torch_import.load_torch_teacher(path, _target())
+    np.testing.assert_array_equal(
+        variables["params"]["stem"]["conv"]["kernel"],
+        state["conv1.0.weight"].float().numpy().transpose(2, 3, 1, 0),
+    )
+    np.testing.assert_array_equal(
+        variables["batch_stats"]["stage4"]["block2"]["bn2"]["var"],
+        state["conv5_x.2.residual_function.4.running_var"].float().numpy(),
+    )
+
+
+@pytest.mark.parametrize(
+    "version, cves",
+    [("2.9.1", "CVE-2026-24747"), ("2.5.1+cu121", "CVE-2025-32434, CVE-2026-24747")],
+)
+def test_pickle_checkpoint_refused_below_torch_2_10(tmp_path, monkeypatch, version, cves):
+    """Below torch 2.10, `torch.load(weights_only=True)` can run code from the file: a .pt is
+    refused before torch.load is called, naming the version and the CVEs; safetensors files,
+    which need no pickle, still load."""
+    path, _ = _teacher_file(tmp_path, torch.float32, ".pt")
+    safe, _ = _teacher_file(tmp_path, torch.float32, ".safetensors")
+    monkeypatch.setattr(torch, "__version__", version)
+    calls, torch_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a) or torch_load(*a, **k))
+    with pytest.raises(ValueError) as err:
+        torch_import.load_torch_teacher(path, _target())
+    message = str(err.value)
+    assert message.startswith(f"{path}: refusing to torch.load a pickle checkpoint with torch ")
+    assert f"torch {version}" in message and f"({cves})" in message, message
+    assert "\n" not in message and message.count(path) == 1
+    assert calls == []
+    torch_import.load_torch_teacher(safe, _target())
+    monkeypatch.setattr(torch, "__version__", "2.10.0")
+    assert sorted(torch_import.load_state_dict(path)) == sorted(torch_import.load_state_dict(safe))
+    assert len(calls) == 1

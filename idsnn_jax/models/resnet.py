@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -46,6 +46,8 @@ def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
 
 class ReLU(nn.Module):
     """The ANN activation as a module, so blocks treat ReLU and LIF alike."""
+
+    emits_spikes: ClassVar[bool] = False  # see `ResNet.spiking`
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -230,6 +232,13 @@ class ResNet(nn.Module):
     remat_policy: str = "nothing_saveable"
     spike_conv: ModuleDef | None = None
     block_call: Callable[[nn.Module, jax.Array], jax.Array] | None = None
+
+    @property
+    def spiking(self) -> bool:
+        """Whether the activation emits spikes (its class's `emits_spikes`: True for `LIF`),
+        whatever `time_steps` and the BN scale init are: convs after it take spikes."""
+        act = self.act.func if isinstance(self.act, functools.partial) else self.act
+        return bool(getattr(act, "emits_spikes", False))
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False, per_step: bool = False) -> jax.Array:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -141,6 +141,7 @@ class LIF(nn.Module):
     that evaluation can mask padded examples exactly.
     """
 
+    emits_spikes: ClassVar[bool] = True  # see `ResNet.spiking`
     time_steps: int
     decay: float = 0.25
     v_th: float = 0.5
