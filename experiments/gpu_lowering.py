@@ -8,7 +8,7 @@ every op's operand types. So the CUDA program of a config can be checked here, a
 analysis of it gives the FLOPs of a step (`gpu_estimate.py`).
 
 - `for_platform(config, platform)`: the config with `dtype="auto"` resolved as on that
-  platform's backend (`plan.AUTO_DTYPE`: bfloat16 on GPUs).
+  platform's backend (`precision.AUTO_DTYPE`: bfloat16 on GPUs).
 - `stage_steps(config, role, mesh)`: what `train.fit` compiles for a stage (the train loop,
   distilling from the teacher in the student's stage, and the eval step, counting operations
   when `config.energy` is set), built with the public step layer and given abstract
@@ -33,7 +33,7 @@ import ml_collections
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from idsnn_jax import input_pipeline, optim, plan, steps
+from idsnn_jax import input_pipeline, optim, plan, precision, steps
 from idsnn_jax.train import FitOptions
 
 PLATFORM_BACKENDS = {"cuda": "gpu", "rocm": "gpu", "tpu": "tpu", "cpu": "cpu"}  # jax.export names
@@ -57,12 +57,12 @@ class Step(NamedTuple):
 
 
 def for_platform(config: ml_collections.ConfigDict, platform: str) -> ml_collections.ConfigDict:
-    """A copy of `config` whose `dtype="auto"` names what `plan.compute_dtype` picks on the
+    """A copy of `config` whose `dtype="auto"` names what `precision.compute_dtype` picks on the
     backend of `platform` ('cuda' -> 'gpu': bfloat16); other dtypes are kept."""
     config = config.copy_and_resolve_references()
     if config.dtype == "auto":
-        dtype = plan.AUTO_DTYPE.get(PLATFORM_BACKENDS[platform], jnp.float32)
-        config.dtype = next(name for name, d in plan.DTYPES.items() if d == dtype)
+        dtype = precision.AUTO_DTYPE.get(PLATFORM_BACKENDS[platform], jnp.float32)
+        config.dtype = next(name for name, d in precision.DTYPES.items() if d == dtype)
     return config
 
 
