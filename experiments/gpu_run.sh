@@ -11,8 +11,8 @@
 # - What that image lacks is pure Python: ml-collections and tensorboardX. `--fetch`, run
 #   first where PyPI is reachable, saves their wheels in .whl/ (git-ignored); carry .whl/
 #   along and they are installed from it into a temporary folder, no network needed.
-# - The package is used from this checkout, copied with configs/ as idsnn_jax/configs (the
-#   mapping of pyproject.toml): no build, no install of the project.
+# - The package (recipes included, in idsnn_jax/configs) is used from this checkout, copied:
+#   no build, no install of the project.
 # Versions are checked against pyproject.toml's floors and written to run.json.
 #
 # From the repository root:
@@ -32,7 +32,7 @@ if [[ "${1:-}" == "--fetch" ]]; then
 fi
 site=$(mktemp -d "${TMPDIR:-/tmp}/idsnn-site.XXXXXX")
 trap 'rm -rf "$site"' EXIT
-cp -r idsnn_jax "$site/" && cp -r configs "$site/idsnn_jax/configs"
+cp -r idsnn_jax "$site/"
 missing=$("$PYTHON" -c 'import importlib.util as u
 print(" ".join(m for m in ("ml_collections", "tensorboardX") if u.find_spec(m) is None))')
 if [[ -n "$missing" ]]; then

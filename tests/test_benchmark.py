@@ -9,6 +9,8 @@ import benchmark  # experiments/ is on pytest's pythonpath (pyproject.toml)
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses or whole pipelines: not in the fast lane
+
 
 @pytest.fixture(scope="module")
 def tiny_rows(tmp_path_factory) -> tuple[list[dict], str]:

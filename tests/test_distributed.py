@@ -22,6 +22,8 @@ from idsnn_jax import checkpoints, distributed, faults, resume
 from idsnn_jax import input_pipeline as ip
 from idsnn_jax.configs import tiny
 
+pytestmark = pytest.mark.slow  # subprocesses or whole pipelines: not in the fast lane
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = {"time", "epoch_seconds", "images_per_sec"}
 

@@ -17,6 +17,8 @@ from idsnn_jax import datasets
 from idsnn_jax.configs import cifar100, fashion_mnist_modern, tiny
 from idsnn_jax.plan import flatten as _flatten
 
+pytestmark = pytest.mark.slow  # subprocesses or whole pipelines: not in the fast lane
+
 FASHION_MNIST_DIR = datasets.DEFAULT_FASHION_MNIST_DIR
 
 

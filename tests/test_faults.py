@@ -26,6 +26,8 @@ from idsnn_jax import checkpoints, faults, optim, pipeline, resume
 from idsnn_jax.configs import tiny
 from idsnn_jax.logs import epochs_by_stage, read_records
 
+pytestmark = pytest.mark.slow  # subprocesses or whole pipelines: not in the fast lane
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = {"time", "epoch_seconds", "images_per_sec"}
 # 48 training images (the data fixture), batch 16: 3 dispatches per epoch; dispatch 11 is the

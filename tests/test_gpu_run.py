@@ -13,6 +13,8 @@ import pytest
 
 from idsnn_jax.datasets import load_split
 
+pytestmark = pytest.mark.slow  # subprocesses or whole pipelines: not in the fast lane
+
 
 def test_synthetic_cifar100_reads_back_through_the_real_loader(tmp_path):
     root = gpu_run.write_synthetic_cifar100(str(tmp_path), 48, 16)

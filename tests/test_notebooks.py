@@ -22,6 +22,8 @@ import pytest
 
 from idsnn_jax import datasets
 
+pytestmark = pytest.mark.slow  # subprocesses or whole pipelines: not in the fast lane
+
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 FASHION_MNIST_DIR = datasets.DEFAULT_FASHION_MNIST_DIR
 

@@ -25,6 +25,8 @@ from idsnn_jax.models import create_model
 from idsnn_jax.plan import build_plan
 from idsnn_jax.transfer import init_snn_from_ann
 
+pytestmark = pytest.mark.slow  # subprocesses or whole pipelines: not in the fast lane
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import re
 
+import pytest
+
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 
+@pytest.mark.slow  # trains and transfers a full-size ResNet pair
 def test_readme_python_example_runs():
     with open(README) as f:
         blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)

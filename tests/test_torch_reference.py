@@ -24,6 +24,8 @@ from idsnn_jax.models import create_model, firing_rates
 torch = pytest.importorskip("torch")
 import torch_reference as tr  # noqa: E402  (experiments/ is on pytest's pythonpath)
 
+pytestmark = pytest.mark.slow  # subprocesses or whole pipelines: not in the fast lane
+
 WIDTH, T, B, H, CLASSES, LR = 0.0625, 2, 4, 8, 10, 0.05
 INFO = DatasetInfo("random", CLASSES, (H, H, 3), (0.5, 0.4, 0.3), (0.25, 0.2, 0.3))
 
