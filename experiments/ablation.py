@@ -35,10 +35,10 @@ import os
 import time
 from typing import Any
 
+import common  # beside this script: its directory is on sys.path (pytest: pythonpath)
 import ml_collections
-import summarize  # beside this script: its directory is on sys.path (pytest: pythonpath)
+import summarize
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 # name -> (init_from_teacher, distill), in the paper's order.
 VARIANTS = {
@@ -117,7 +117,7 @@ def _stage_row(workdir: str, stage: str) -> dict[str, Any] | None:
     return next((r for r in rows if r["stage"] == stage), None)
 
 
-def _shared_teacher(config: ml_collections.ConfigDict, root: str) -> tuple[str, dict | None]:
+def shared_teacher(config: ml_collections.ConfigDict, root: str) -> tuple[str, dict | None]:
     """(checkpoint path, teacher summary or None): the given teacher, or one trained (once,
     resumably) with `config` in `<root>/teacher_run`."""
     from idsnn_jax.checkpoints import best_epoch
@@ -132,7 +132,7 @@ def _shared_teacher(config: ml_collections.ConfigDict, root: str) -> tuple[str, 
     ):
         start = time.time()
         train_teacher(config, workdir)
-        print(f"teacher trained in {workdir} in {_duration(time.time() - start)}", flush=True)
+        print(f"teacher trained in {workdir} in {common.duration(time.time() - start)}", flush=True)
     return checkpoint, _stage_row(workdir, "teacher")
 
 
@@ -149,46 +149,23 @@ def run_ablation(
     e.g., more data or epochs, so that it is clearly stronger than the students.
     """
     from idsnn_jax import pipeline
-    from idsnn_jax.plan import build_plan
 
     variants = list(VARIANTS) if variants is None else list(variants)
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    if teacher_config is not None:
-        for key in ("dataset", "teacher.model", "teacher.width"):
-            ours, theirs = _get(config, key), _get(teacher_config, key)
-            if ours != theirs:
-                raise ValueError(f"teacher config: {key}={theirs!r} differs from {ours!r}")
-    for variant in variants:  # every variant's config, before hours of training
-        build_plan(variant_config(config, variant, config.teacher.checkpoint))
+    _check_configs(config, variants, teacher_config)
     root = os.path.abspath(root)
     os.makedirs(root, exist_ok=True)
     teacher_checkpoint, teacher = "", None
     if any(VARIANTS[v][0] or VARIANTS[v][1] for v in variants):
-        teacher_checkpoint, teacher = _shared_teacher(teacher_config or config, root)
+        teacher_checkpoint, teacher = shared_teacher(teacher_config or config, root)
     paper = is_paper_setting(config)
     rows = []
     for variant in variants:
         workdir = os.path.join(root, variant)
         cfg = variant_config(config, variant, teacher_checkpoint)
-        summary = _load_summary(workdir)
+        summary = common.load_summary(workdir)
         if summary is None or summary.get("student_epochs") != cfg.student.num_epochs:
             summary = pipeline.run(cfg, workdir)
-        rows.append(
-            {
-                "variant": variant,
-                "init_from_teacher": cfg.init_from_teacher,
-                "distill": cfg.distill,
-                "best_accuracy": summary["student_best_accuracy"],
-                "last_accuracy": summary["student_last_accuracy"],
-                "epochs": summary["student_epochs"],
-                "wall_seconds": summary["wall_seconds"],
-                "train_seconds": (_stage_row(workdir, "student") or {}).get("train_seconds"),
-                "paper_accuracy": PAPER[variant] if paper else None,
-                "workdir": workdir,
-            }
-        )
+        rows.append(_row(variant, cfg, summary, workdir, paper))
     result = {
         "dataset": config.dataset,
         "time_steps": config.student.time_steps,
@@ -204,24 +181,43 @@ def run_ablation(
     return rows
 
 
-def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        config = config[part]
-    return config
+def _check_configs(
+    config: ml_collections.ConfigDict,
+    variants: list[str],
+    teacher_config: ml_collections.ConfigDict | None,
+) -> None:
+    """ValueError for an unknown variant, a teacher config of another dataset or teacher, or
+    any variant's config that would fail: before hours of training."""
+    from idsnn_jax.plan import build_plan, get
+
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    if teacher_config is not None:
+        for key in ("dataset", "teacher.model", "teacher.width"):
+            ours, theirs = get(config, key), get(teacher_config, key)
+            if ours != theirs:
+                raise ValueError(f"teacher config: {key}={theirs!r} differs from {ours!r}")
+    for variant in variants:
+        build_plan(variant_config(config, variant, config.teacher.checkpoint))
 
 
-def _load_summary(workdir: str) -> dict[str, Any] | None:
-    path = os.path.join(workdir, "summary.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+def _row(
+    variant: str, cfg: ml_collections.ConfigDict, summary: dict, workdir: str, paper: bool
+) -> dict[str, Any]:
+    """The ablation table's row of one finished variant (accuracies as fractions)."""
+    return {
+        "variant": variant,
+        "init_from_teacher": cfg.init_from_teacher,
+        "distill": cfg.distill,
+        "best_accuracy": summary["student_best_accuracy"],
+        "last_accuracy": summary["student_last_accuracy"],
+        "epochs": summary["student_epochs"],
+        "wall_seconds": summary["wall_seconds"],
+        "train_seconds": (_stage_row(workdir, "student") or {}).get("train_seconds"),
+        "paper_accuracy": PAPER[variant] if paper else None,
+        "workdir": workdir,
+    }
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -236,12 +232,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{100 * r['best_accuracy']:.2f}",
             f"{100 * r['last_accuracy']:.2f}",
             str(r["epochs"]),
-            _duration(r["wall_seconds"]),
+            common.duration(r["wall_seconds"]),
             "-" if r["paper_accuracy"] is None else f"{r['paper_accuracy']:.2f}",
         ]
         for r in rows
     ]
-    return summarize.text_table(header, lines)
+    return common.text_table(header, lines)
 
 
 def main(argv: list[str]) -> None:
@@ -251,8 +247,8 @@ def main(argv: list[str]) -> None:
     unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
     if unknown:
         raise app.UsageError(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
-    config = _CONFIG.value
-    root = os.path.abspath(_ROOT.value)
+    config = _FLAGS.config.value
+    root = os.path.abspath(_FLAGS.root.value)
     rows = run_ablation(config, root, _VARIANTS.value)
     print()
     print(format_table(rows))
@@ -277,13 +273,8 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":  # flags only here, so tests can import this module beside others
     from idsnn_jax.configs import cifar100
 
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config",
-        cifar100.__file__,
-        "Path to a config file; override values with --config.key=value.",
-        lock_config=True,
+    _FLAGS = common.define_study_flags(
+        cifar100.__file__, "Directory for the teacher and the variants.", seeds=False
     )
-    _ROOT = flags.DEFINE_string("root", None, "Directory for the teacher and the variants.")
     _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"Subset of {list(VARIANTS)}.")
-    flags.mark_flag_as_required("root")
     app.run(main)

@@ -7,6 +7,8 @@ import json
 import os
 from collections.abc import Callable
 
+import common  # beside this script (pytest: pythonpath)
+
 
 def _ms(row: dict, prefix: str = "") -> str:
     if row.get(prefix + "step_s_median") is None:
@@ -46,11 +48,8 @@ def markdown(
 ) -> str:
     """The rows as a markdown table of `columns` (name, row -> cell text), with its header
     line unless `header=False`."""
-    lines = ["| " + " | ".join(fn(r) for _, fn in columns) + " |" for r in rows]
-    if header:
-        names = [name for name, _ in columns]
-        lines = ["| " + " | ".join(names) + " |", "|---" * len(names) + "|", *lines]
-    return "\n".join(lines)
+    names = [name for name, _ in columns] if header else None
+    return common.markdown_table(names, [[fn(r) for _, fn in columns] for r in rows]).rstrip("\n")
 
 
 def _series(rows: list[dict]) -> dict[str, dict]:

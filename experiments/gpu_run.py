@@ -37,9 +37,10 @@ import sys
 import tempfile
 import time
 
+import common  # beside this script
 import numpy as np
 from absl import app, flags
-from gpu_lowering import SPLIT_SIZES  # beside this script
+from gpu_lowering import SPLIT_SIZES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLASSES, COARSE = 100, 20  # CIFAR-100's fine and coarse labels
@@ -314,8 +315,8 @@ def report(out: str) -> str:
     """The end of the output: the phases, the benchmark's table, the recipe's images/s."""
     with open(os.path.join(out, "run.json")) as f:
         phases = json.load(f)["phases"]
-    lines = ["| phase | status | seconds |", "|---|---|---|"]
-    lines += [f"| {p['name']} | {p['status']} | {p.get('seconds', 0):.0f} |" for p in phases]
+    cells = [[p["name"], p["status"], f"{p.get('seconds', 0):.0f}"] for p in phases]
+    lines = [common.markdown_table(["phase", "status", "seconds"], cells).rstrip("\n")]
     if os.path.exists(table := os.path.join(out, "benchmark.md")):
         with open(table) as f:
             lines += ["", f.read()]

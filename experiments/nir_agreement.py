@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 
+import common  # beside this script (pytest: pythonpath)
 import jax
 import jax.numpy as jnp
 import nir
@@ -28,9 +29,10 @@ from absl import app, flags, logging
 
 from idsnn_jax import nir_consumers
 from idsnn_jax.datasets import dataset_info, load_split
-from idsnn_jax.export_nir import export_nir, load_run
+from idsnn_jax.export_nir import export_nir
 from idsnn_jax.input_pipeline import normalize
 from idsnn_jax.models import firing_rates
+from idsnn_jax.resume import load_run
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A pipeline run's directory (holding config.json).")
@@ -77,25 +79,30 @@ def measure(workdir: str, stage: str, num_images: int, batch: int) -> list[dict]
     return rows
 
 
+def _cells(r: dict) -> list[str]:
+    """One consumer's row of the agreement table."""
+    if "error" in r:
+        return [r["consumer"], str(r["images"]), f"fails: {r['error'][:60]}", "", "", "", ""]
+    return [
+        r["consumer"],
+        str(r["images"]),
+        f"{100 * r['argmax']:.1f}%",
+        f"{100 * r['close']:.1f}%",
+        f"{r['max_gap']:.2g}",
+        f"{100 * r['layers_equal']:.0f}%",
+        f"{r['rate_gap']:.1g}",
+    ]
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     torch.set_num_threads(FLAGS.torch_threads)
     rows = measure(FLAGS.workdir, FLAGS.stage, FLAGS.images, FLAGS.eval_batch)
-    print(
-        "| consumer | images | argmax equal | within 1e-3 | max gap | LIF layers equal | rate gap |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['consumer']} | {r['images']} | fails: {r['error'][:60]} | | | | |")
-            continue
-        print(
-            f"| {r['consumer']} | {r['images']} | {100 * r['argmax']:.1f}% | "
-            f"{100 * r['close']:.1f}% | {r['max_gap']:.2g} | {100 * r['layers_equal']:.0f}% | "
-            f"{r['rate_gap']:.1g} |"
-        )
+    header = ["consumer", "images", "argmax equal", "within 1e-3", "max gap"]
+    header += ["LIF layers equal", "rate gap"]
+    print(common.markdown_table(header, [_cells(r) for r in rows]), end="")
     sys.stdout.flush()
 
 

@@ -29,17 +29,9 @@ import time
 from typing import Any
 
 import ablation  # beside this script (pytest: pythonpath)
+import common
 import ml_collections
 from absl import app, flags, logging
-from ml_collections import config_flags
-
-
-def seed_dir(root: str, seed: int) -> str:
-    return os.path.join(root, f"seed_{seed}")
-
-
-def schedule_dir(interval: int, epochs: int) -> str:
-    return f"idsnn_lr{interval}_e{epochs}"
 
 
 def parse_schedules(specs: list[str]) -> list[tuple[int, int]]:
@@ -81,12 +73,6 @@ def with_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> A
     return out
 
 
-def with_seed(config: ml_collections.ConfigDict, seed: int) -> Any:
-    out = config.copy_and_resolve_references()
-    out.seed = seed
-    return out
-
-
 def run_schedule(config: Any, workdir: str, teacher: str, interval: int, epochs: int) -> None:
     """IDSNN with the lr stepped every `interval` epochs, trained `epochs` epochs (resumes)."""
     from idsnn_jax import pipeline
@@ -94,7 +80,7 @@ def run_schedule(config: Any, workdir: str, teacher: str, interval: int, epochs:
     cfg = ablation.variant_config(config, "idsnn", teacher)
     cfg.optimizer.lr_interval = interval
     cfg.student.num_epochs = epochs
-    summary = ablation._load_summary(workdir)
+    summary = common.load_summary(workdir)
     if summary is None or summary.get("student_epochs") != epochs:
         pipeline.run(cfg, workdir)
 
@@ -108,17 +94,17 @@ def run_study(
 ) -> None:
     """Trains (or resumes) every seed's ablation and convergence runs under `root`."""
     root = os.path.abspath(root)
-    teacher_configs = {s: with_overrides(with_seed(config, s), teacher_set) for s in seeds}
+    teacher_configs = {s: with_overrides(common.with_seed(config, s), teacher_set) for s in seeds}
     for seed in seeds:
         start = time.time()
-        cfg = with_seed(config, seed)
-        sroot = seed_dir(root, seed)
+        cfg = common.with_seed(config, seed)
+        sroot = common.seed_dir(root, seed)
         ablation.run_ablation(cfg, sroot, None, teacher_configs[seed])
         teacher = os.path.join(sroot, ablation.TEACHER_DIR, "teacher")
         for interval, epochs in schedules:
-            workdir = os.path.join(sroot, schedule_dir(interval, epochs))
+            workdir = os.path.join(sroot, common.schedule_dir(interval, epochs))
             run_schedule(cfg, workdir, teacher, interval, epochs)
-        print(f"seed {seed} done in {ablation._duration(time.time() - start)}", flush=True)
+        print(f"seed {seed} done in {common.duration(time.time() - start)}", flush=True)
 
 
 def main(argv: list[str]) -> None:
@@ -127,17 +113,17 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     try:
         schedules = parse_schedules(_SCHEDULES.value)
-        with_overrides(_CONFIG.value, _TEACHER_SET.value)  # bad keys before any training
+        with_overrides(_FLAGS.config.value, _TEACHER_SET.value)  # bad keys before any training
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    root = os.path.abspath(_ROOT.value)
-    if not _REPORT_ONLY.value:
-        seeds = [int(s) for s in _SEEDS.value]
-        run_study(_CONFIG.value, root, seeds, _TEACHER_SET.value, schedules)
+    root = os.path.abspath(_FLAGS.root.value)
+    if not _FLAGS.report_only.value:
+        seeds = [int(s) for s in _FLAGS.seeds.value]
+        run_study(_FLAGS.config.value, root, seeds, _TEACHER_SET.value, schedules)
     import study_report  # matplotlib only once the runs are done
 
-    out = os.path.abspath(_OUT.value or root)
-    for path in study_report.write_report(root, _CONFIG.value, schedules, out):
+    out = os.path.abspath(_FLAGS.out.value or root)
+    for path in study_report.write_report(root, _FLAGS.config.value, schedules, out):
         print(f"wrote {path}")
     for name in ("table3.md", "table4.md"):
         with open(os.path.join(out, name)) as f:
@@ -147,21 +133,13 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     from idsnn_jax.configs import fashion_mnist
 
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config",
-        fashion_mnist.__file__,
-        "Config file; --config.key=value overrides.",
-        lock_config=True,
+    _FLAGS = common.define_study_flags(
+        fashion_mnist.__file__, "Directory for every seed's runs and the report.", seeds=True
     )
-    _ROOT = flags.DEFINE_string("root", None, "Directory for every seed's runs and the report.")
-    _SEEDS = flags.DEFINE_list("seeds", ["1", "2", "3"], "Seeds (config.seed) to run.")
     _TEACHER_SET = flags.DEFINE_multi_string(
         "teacher_set", [], "key=value override for the shared teacher's run only (repeat)."
     )
     _SCHEDULES = flags.DEFINE_list(
         "schedules", ["1:2"], "Convergence runs: lr stepped every interval epochs, for epochs."
     )
-    _OUT = flags.DEFINE_string("out", None, "Directory for the report (default: --root).")
-    _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only (re)write the report.")
-    flags.mark_flag_as_required("root")
     app.run(main)

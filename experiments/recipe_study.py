@@ -27,11 +27,9 @@ import os
 from typing import Any
 
 import ablation  # beside this script (pytest: pythonpath)
+import common
 import ml_collections
-import paper_study
-import study_report
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 # variant -> overrides of the modern config; the options' "off" values are the reference's.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -50,7 +48,7 @@ REFERENCE = {"reference_idsnn": "idsnn", "reference_baseline": "baseline"}  # ro
 
 def variant_config(config: ml_collections.ConfigDict, variant: str, seed: int, teacher: str):
     """The config of one run: `config` with the seed, the teacher and the variant's overrides."""
-    out = paper_study.with_seed(config, seed)
+    out = common.with_seed(config, seed)
     with out.unlocked():
         out.compare_baseline = False
         out.teacher.checkpoint = teacher
@@ -73,16 +71,16 @@ def teacher_for(config: ml_collections.ConfigDict, root: str, seed: int, templat
     """The seed's teacher checkpoint: `template` with the seed, or one trained once here."""
     if template:
         return template.format(seed=seed)
-    sroot = paper_study.seed_dir(root, seed)
-    return ablation._shared_teacher(paper_study.with_seed(config, seed), sroot)[0]
+    sroot = common.seed_dir(root, seed)
+    return ablation.shared_teacher(common.with_seed(config, seed), sroot)[0]
 
 
 def run_study(config, root: str, seeds: list[int], teacher: str) -> None:
     from idsnn_jax import pipeline
 
     for seed, variant in run_order(seeds):
-        workdir = os.path.join(paper_study.seed_dir(root, seed), variant)
-        if ablation._load_summary(workdir) is not None:
+        workdir = os.path.join(common.seed_dir(root, seed), variant)
+        if common.load_summary(workdir) is not None:
             continue
         checkpoint = teacher_for(config, root, seed, teacher)
         summary = pipeline.run(
@@ -90,7 +88,7 @@ def run_study(config, root: str, seeds: list[int], teacher: str) -> None:
         )
         print(
             f"seed {seed} {variant}: {summary['student_best_accuracy']:.4f} "
-            f"({ablation._duration(summary['wall_seconds'])})",
+            f"({common.duration(summary['wall_seconds'])})",
             flush=True,
         )
 
@@ -104,7 +102,7 @@ def _results(root: str, runs: dict[str, str]) -> dict[str, dict[int, dict[str, f
         if not name.startswith("seed_"):
             continue
         for row, run in runs.items():
-            summary = ablation._load_summary(os.path.join(root, name, run))
+            summary = common.load_summary(os.path.join(root, name, run))
             if summary is not None:
                 out[row][int(name[5:])] = {
                     "best": summary["student_best_accuracy"],
@@ -131,9 +129,9 @@ def table(root: str, reference_root: str | None) -> dict[str, Any]:
             {
                 "run": name,
                 "seeds": {str(s): r for s, r in seeds.items()},
-                "best": study_report.mean_std(best),
-                "ema": study_report.mean_std(ema) if ema else None,
-                "minus_modern": study_report.mean_std(diff) if diff and name != "modern" else None,
+                "best": common.mean_std(best),
+                "ema": common.mean_std(ema) if ema else None,
+                "minus_modern": common.mean_std(diff) if diff and name != "modern" else None,
             }
         )
     return {"rows": rows}
@@ -154,7 +152,7 @@ def markdown(t: dict[str, Any]) -> str:
         ]
         for r in t["rows"]
     ]
-    return study_report._markdown(header, lines)
+    return common.markdown_table(header, lines)
 
 
 def plot(t: dict[str, Any], path: str, title: str) -> None:
@@ -200,11 +198,11 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    root = os.path.abspath(_ROOT.value)
-    if not _REPORT_ONLY.value:
-        run_study(_CONFIG.value, root, [int(s) for s in _SEEDS.value], _TEACHER.value)
-    title = f"{_CONFIG.value.dataset}: modern recipe, options left out"
-    for path in write_report(root, _REFERENCE_ROOT.value, _OUT.value or root, title):
+    root = os.path.abspath(_FLAGS.root.value)
+    if not _FLAGS.report_only.value:
+        run_study(_FLAGS.config.value, root, [int(s) for s in _FLAGS.seeds.value], _TEACHER.value)
+    title = f"{_FLAGS.config.value.dataset}: modern recipe, options left out"
+    for path in write_report(root, _REFERENCE_ROOT.value, _FLAGS.out.value or root, title):
         print(f"wrote {path}")
     print(markdown(table(root, _REFERENCE_ROOT.value)))
 
@@ -212,21 +210,13 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     from idsnn_jax.configs import fashion_mnist_modern
 
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config",
-        fashion_mnist_modern.__file__,
-        "Config file; --config.key=value overrides.",
-        lock_config=True,
+    _FLAGS = common.define_study_flags(
+        fashion_mnist_modern.__file__, "Directory for every seed's runs.", seeds=True
     )
-    _ROOT = flags.DEFINE_string("root", None, "Directory for every seed's runs.")
-    _SEEDS = flags.DEFINE_list("seeds", ["1", "2", "3"], "Seeds (config.seed) to run.")
     _TEACHER = flags.DEFINE_string(
         "teacher", "", "Teacher checkpoint per seed, '{seed}' replaced; '': train one per seed."
     )
     _REFERENCE_ROOT = flags.DEFINE_string(
         "reference_root", None, "A paper_study root whose idsnn/baseline runs are the reference."
     )
-    _OUT = flags.DEFINE_string("out", None, "Directory for the report (default: --root).")
-    _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only (re)write the report.")
-    flags.mark_flag_as_required("root")
     app.run(main)

@@ -21,6 +21,7 @@ import statistics
 from typing import Any
 
 import ablation
+import common
 import matplotlib
 
 matplotlib.use("Agg")
@@ -74,12 +75,6 @@ def collect(root: str, runs: list[str]) -> dict[int, dict[str, Any]]:
     return dict(sorted(seeds.items()))
 
 
-def mean_std(values: list[float]) -> dict[str, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": statistics.fmean(values), "std": std}
-
-
 def _pm(stats: dict[str, float]) -> str:
     return f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f}"
 
@@ -95,7 +90,7 @@ def reach_epoch(curve: list[dict[str, float]], target: float) -> int | None:
 
 
 def teacher_stats(seeds: dict[int, dict[str, Any]]) -> dict[str, float]:
-    return mean_std([_best(s["teacher"])[0] for s in seeds.values()])
+    return common.mean_std([_best(s["teacher"])[0] for s in seeds.values()])
 
 
 def table3(seeds: dict[int, dict[str, Any]], paper: bool) -> dict[str, Any]:
@@ -108,9 +103,9 @@ def table3(seeds: dict[int, dict[str, Any]], paper: bool) -> dict[str, Any]:
                 "variant": variant,
                 "init_from_teacher": init,
                 "distill": kd,
-                "best": mean_std(best),
-                "last": mean_std([s[variant][-1]["test_accuracy"] for s in seeds.values()]),
-                "gain_over_baseline": mean_std(gain),
+                "best": common.mean_std(best),
+                "last": common.mean_std([s[variant][-1]["test_accuracy"] for s in seeds.values()]),
+                "gain_over_baseline": common.mean_std(gain),
                 "best_per_seed": best,
                 "best_epoch_per_seed": [_best(s[variant])[1] for s in seeds.values()],
                 "paper": ablation.PAPER[variant] if paper else None,
@@ -130,7 +125,7 @@ def table4(seeds: dict[int, dict[str, Any]], schedules: list[str], paper: bool) 
             {
                 "run": run,
                 "epochs": len(next(iter(seeds.values()))[run]),
-                "best": mean_std([_best(s[run])[0] for s in seeds.values()]),
+                "best": common.mean_std([_best(s[run])[0] for s in seeds.values()]),
                 "reach_epoch_per_seed": reach,
                 "accuracy_per_epoch": _mean_curve(seeds, run, "test_accuracy")[1],
                 "paper": PAPER_TABLE4.get(run) if paper else None,
@@ -171,7 +166,7 @@ def table3_markdown(t: dict[str, Any]) -> str:
         for r in t["rows"]
     ]
     return (
-        _markdown(header, lines) + f"\nTeacher (best top-1): {_pm(t['teacher_best'])}; "
+        common.markdown_table(header, lines) + f"\nTeacher (best top-1): {_pm(t['teacher_best'])}; "
         f"seeds {', '.join(map(str, t['seeds']))}; mean ± sample std.\n"
     )
 
@@ -198,14 +193,9 @@ def table4_markdown(t: dict[str, Any]) -> str:
     ]
     targets = " / ".join(f"{100 * v:.2f}" for v in t["target_per_seed"])
     return (
-        _markdown(header, lines) + f"\nTarget per seed (baseline best): {targets}; "
+        common.markdown_table(header, lines) + f"\nTarget per seed (baseline best): {targets}; "
         f"teacher {_pm(t['teacher_best'])}; '-': not reached.\n"
     )
-
-
-def _markdown(header: list[str], lines: list[list[str]]) -> str:
-    rows = [header, ["---"] * len(header), *lines]
-    return "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
 
 
 def _mean_curve(seeds: dict[int, Any], run: str, key: str) -> tuple[list, list, list, list]:
@@ -297,11 +287,9 @@ def write_report(
     root: str, config: Any, schedules: list[tuple[int, int]], out: str | None = None
 ) -> list[str]:
     """Writes the tables, JSON and plots of the finished seeds under `out` (default `root`)."""
-    from paper_study import schedule_dir
-
     out = out or root
     os.makedirs(out, exist_ok=True)
-    runs = [schedule_dir(i, e) for i, e in schedules]
+    runs = [common.schedule_dir(i, e) for i, e in schedules]
     seeds = collect(root, [*ablation.VARIANTS, *runs])
     if not seeds:
         raise FileNotFoundError(f"no finished seed under {root!r}")

@@ -25,6 +25,7 @@ import os
 import sys
 from typing import Any
 
+import common  # beside this script (pytest: pythonpath)
 from absl import app, flags
 
 from idsnn_jax.logs import METRICS_FILE, epochs_by_stage, read_records
@@ -122,14 +123,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         ]
         for r in rows
     ]
-    return text_table(header, lines)
-
-
-def text_table(header: list[str], lines: list[list[str]]) -> str:
-    """Left-aligned columns under `header` and a rule."""
-    widths = [max(len(x) for x in col) for col in zip(header, *lines, strict=True)]
-    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(x) for x in lines])
+    return common.text_table(header, lines)
 
 
 def main(argv: list[str]) -> None:

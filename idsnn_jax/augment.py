@@ -1,23 +1,33 @@
-"""Cutout and a TrivialAugment-style policy: training augmentations beyond crop and flip.
+"""Training augmentation, per example, on the device inside the jitted train step.
 
-`input_pipeline.augment` gives the recipe's zero-pad, random crop and flip. This module adds
-two stronger regularizers that run in the same place, on the device inside the jitted train
-step, with the same keying: example i of a device's local batch draws from
-`fold_in(rng, example_offset + i)` alone, `example_offset` being its first example's index in
-the global batch, so a global batch split over devices is augmented exactly as on one device.
-Each augmentation folds the same indices into its key, so give each its own `rng` (split one).
+`preprocess` applies `AugmentOptions` in order: the recipe's zero-pad, random crop and flip
+(`crop_and_flip`), optionally one TrivialAugment-style op (`auto_augment`, ops in
+`augment_ops`) on the raw uint8 images, normalization, then optionally Cutout (DeVries &
+Taylor 2017; on normalized images, so the hole is the dataset mean).
 
-- `cutout` (DeVries & Taylor 2017) zeroes a square per example; call it on normalized images,
-  so the hole is the dataset mean.
-- `auto_augment` applies one op from `OPS`, drawn uniformly per example, at a magnitude drawn
-  uniformly in [0, 1) (TrivialAugment, Müller & Hutter 2021), to raw uint8 images.
+One keying rule for all of them: example i of a device's local batch draws from
+`fold_in(rng, example_offset + i)` alone (`_example_keys`), `example_offset` being its first
+example's index in the global batch, so a global batch split over devices is augmented
+exactly as on one device. Each augmentation folds the same indices into its key, so each
+has its own `rng` (`_STREAMS`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from idsnn_jax import augment_ops, input_pipeline
+from idsnn_jax.checks import check_fields, is_int
+from idsnn_jax.datasets import DatasetInfo
+
+# Streams of the per-step key beside the crop/flip draws, which fold in the example index
+# itself: each option draws from `fold_in(fold_in(rng, stream), example)`, so turning one on
+# changes no other draw (and the reference's crops and flips stay as they were).
+_STREAMS = {"auto_augment": 2**31 - 1, "cutout": 2**31 - 2}
 
 
 def _example_keys(rng: jax.Array, batch_size: int, example_offset: int | jax.Array) -> jax.Array:
@@ -68,130 +78,19 @@ def cutout(
     return jax.vmap(lambda image, center: apply_cutout(image, center, size))(images, centers)
 
 
-# --- TrivialAugment-style policy ----------------------------------------------------------------
-
-# Magnitude m in [0, 1] -> op parameter. Signed ops take (2 m - 1) * max, so m = 0.5 is identity.
-MAGNITUDES = {
-    "rotate": 30.0,  # max angle, degrees
-    "shear": 0.3,  # max shear factor
-    "translate": 0.3,  # max shift, a fraction of the width (translate_x) or height (translate_y)
-    "enhance": 0.9,  # brightness / contrast factor 1 + (2 m - 1) * 0.9, in [0.1, 1.9]
-    "posterize": 4,  # bits dropped at m = 1: 8 - floor(4 m) bits kept
-}
-GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma weights of R, G, B (contrast's mean grey level)
-
-
-def _signed(m: jax.Array, name: str) -> jax.Array:
-    return (2.0 * m - 1.0) * MAGNITUDES[name]
-
-
-def _warp(image: jax.Array, matrix: jax.Array) -> jax.Array:
-    """Nearest-neighbour inverse affine warp of image (H, W, C) float32, zero outside.
-
-    Output pixel (y, x) takes the input pixel at round(A @ [y - cy, x - cx, 1] + (cy, cx)),
-    A = `matrix` (2, 3) over (row, column), center (cy, cx) = ((H - 1) / 2, (W - 1) / 2),
-    `jnp.round` (half to even). Elementwise, not a matmul, so no backend lowers its precision.
-    """
-    height, width = image.shape[:2]
-    cy, cx = (height - 1) / 2, (width - 1) / 2
-    dy = jnp.arange(height, dtype=jnp.float32)[:, None] - cy
-    dx = jnp.arange(width, dtype=jnp.float32)[None, :] - cx
-    sy = jnp.round(matrix[0, 0] * dy + matrix[0, 1] * dx + matrix[0, 2] + cy).astype(jnp.int32)
-    sx = jnp.round(matrix[1, 0] * dy + matrix[1, 1] * dx + matrix[1, 2] + cx).astype(jnp.int32)
-    inside = (sy >= 0) & (sy < height) & (sx >= 0) & (sx < width)
-    sampled = image[jnp.clip(sy, 0, height - 1), jnp.clip(sx, 0, width - 1)]
-    return jnp.where(inside[..., None], sampled, 0.0)
-
-
-def _rotate(image, m):
-    """Counter-clockwise as displayed (row 0 on top) by (2 m - 1) * 30 degrees."""
-    angle = jnp.deg2rad(_signed(m, "rotate"))
-    cos, sin = jnp.cos(angle), jnp.sin(angle)
-    return _warp(image, jnp.array([[cos, sin, 0.0], [-sin, cos, 0.0]]))
-
-
-def _shear_x(image, m):
-    """Output (y, x) takes input x + s (y - cy), s = (2 m - 1) * 0.3 (PIL's ShearX sign)."""
-    return _warp(image, jnp.array([[1.0, 0.0, 0.0], [_signed(m, "shear"), 1.0, 0.0]]))
-
-
-def _shear_y(image, m):
-    """Output (y, x) takes input y + s (x - cx), s = (2 m - 1) * 0.3."""
-    return _warp(image, jnp.array([[1.0, _signed(m, "shear"), 0.0], [0.0, 1.0, 0.0]]))
-
-
-def _translate_x(image, m):
-    """Content moves right by k = round((2 m - 1) * 0.3 * W) pixels (left if k < 0)."""
-    shift = jnp.round(_signed(m, "translate") * image.shape[1])
-    return _warp(image, jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, -shift]]))
-
-
-def _translate_y(image, m):
-    """Content moves down by k = round((2 m - 1) * 0.3 * H) pixels (up if k < 0)."""
-    shift = jnp.round(_signed(m, "translate") * image.shape[0])
-    return _warp(image, jnp.array([[1.0, 0.0, -shift], [0.0, 1.0, 0.0]]))
-
-
-def _brightness(image, m):
-    """x * f, f = 1 + (2 m - 1) * 0.9."""
-    return image * (1.0 + _signed(m, "enhance"))
-
-
-def _contrast(image, m):
-    """mean + f (x - mean), f as brightness, mean: the grey image's mean over all pixels."""
-    grey = image[..., 0] if image.shape[-1] == 1 else (image * jnp.asarray(GREY)).sum(-1)
-    mean = grey.mean()  # elementwise, not a matmul: no backend lowers its precision
-    return mean + (1.0 + _signed(m, "enhance")) * (image - mean)
-
-
-def _solarize(image, m):
-    """Pixels x >= t = round(256 (1 - m)) become 255 - x (m = 0: none, the identity)."""
-    return jnp.where(image >= jnp.round(256.0 * (1.0 - m)), 255.0 - image, image)
-
-
-def _posterize(image, m):
-    """Keeps the high bits = clip(8 - floor(4 m), 4, 8) bits of each pixel."""
-    dropped = 8 - jnp.clip(8 - jnp.floor(MAGNITUDES["posterize"] * m), 4, 8).astype(jnp.int32)
-    return (image.astype(jnp.int32) & ((0xFF << dropped) & 0xFF)).astype(jnp.float32)
-
-
-_OP_FUNCTIONS = {
-    "identity": lambda image, m: image,
-    "rotate": _rotate,
-    "shear_x": _shear_x,
-    "shear_y": _shear_y,
-    "translate_x": _translate_x,
-    "translate_y": _translate_y,
-    "brightness": _brightness,
-    "contrast": _contrast,
-    "solarize": _solarize,
-    "posterize": _posterize,
-}
-OPS = tuple(_OP_FUNCTIONS)  # op index -> name, the order `apply_op` and `sample_ops` use
-
-
-def apply_op(
-    image: jax.Array, op_index: int | jax.Array, magnitude: float | jax.Array
-) -> jax.Array:
-    """Op `OPS[op_index]` at `magnitude` in [0, 1] on image (H, W, C) uint8 -> uint8.
-
-    Computes in float32, then rounds (half to even) and clips to [0, 255]; geometric ops fill
-    with 0. The op docstrings above give each parameter; `MAGNITUDES` holds the constants.
-    """
-    m = jnp.asarray(magnitude, jnp.float32)
-    out = lax.switch(op_index, tuple(_OP_FUNCTIONS.values()), image.astype(jnp.float32), m)
-    return jnp.clip(jnp.round(out), 0, 255).astype(jnp.uint8)
+# --- TrivialAugment-style policy (the ops: `augment_ops`) ------------------------------------
 
 
 def sample_ops(
     rng: jax.Array, batch_size: int, example_offset: int | jax.Array = 0
 ) -> tuple[jax.Array, jax.Array]:
-    """Per-example op indices int32 (B,), uniform over `OPS`, and magnitudes float32 (B,),
-    uniform in [0, 1)."""
+    """Per-example op indices int32 (B,), uniform over `augment_ops.OPS`, and magnitudes
+    float32 (B,), uniform in [0, 1)."""
 
     def one(key):
         op_key, magnitude_key = jax.random.split(key)
-        return jax.random.randint(op_key, (), 0, len(OPS)), jax.random.uniform(magnitude_key)
+        op = jax.random.randint(op_key, (), 0, len(augment_ops.OPS))
+        return op, jax.random.uniform(magnitude_key)
 
     return jax.vmap(one)(_example_keys(rng, batch_size, example_offset))
 
@@ -204,4 +103,114 @@ def auto_augment(
     if images.dtype != jnp.uint8:
         raise ValueError(f"auto_augment takes raw uint8 images, got {images.dtype}.")
     ops, magnitudes = sample_ops(rng, images.shape[0], example_offset)
-    return jax.vmap(apply_op)(images, ops, magnitudes)
+    return jax.vmap(augment_ops.apply_op)(images, ops, magnitudes)
+
+
+# --- Crop and flip (the reference recipe) ----------------------------------------------------
+
+
+def crop_flip_params(
+    rng: jax.Array, batch_size: int, crop_padding: int, flip: bool, example_offset=0
+):
+    """Per-example crop offsets int32 (B, 2) in [0, 2 * crop_padding] and flips bool (B,).
+
+    Example i draws from `fold_in(rng, example_offset + i)` alone, so a global batch split
+    over devices (each passing its offset) is augmented exactly as it is on one device.
+    """
+
+    def one(key):
+        crop_rng, flip_rng = jax.random.split(key)
+        offset = jax.random.randint(crop_rng, (2,), 0, 2 * crop_padding + 1)
+        return offset, jax.random.bernoulli(flip_rng, 0.5 if flip else 0.0)
+
+    return jax.vmap(one)(_example_keys(rng, batch_size, example_offset))
+
+
+def crop_and_flip(
+    rng: jax.Array,
+    images: jax.Array,
+    *,
+    crop_padding: int = 4,
+    flip: bool = True,
+    example_offset: int | jax.Array = 0,
+) -> jax.Array:
+    """Random crop of the zero-padded image and random horizontal flip, per example.
+
+    images: (B, H, W, C), uint8 or float, raw pixels (pad before normalizing, as torchvision's
+    RandomCrop does). Returns the same shape and dtype. Offsets are uniform in
+    [0, 2 * crop_padding] on each axis; each image is flipped with probability 0.5 if `flip`.
+    `example_offset` is the index of `images[0]` in the global batch (see `crop_flip_params`).
+    """
+    batch, height, width, channels = images.shape
+    offsets, flips = crop_flip_params(rng, batch, crop_padding, flip, example_offset)
+    pad = ((crop_padding, crop_padding), (crop_padding, crop_padding), (0, 0))
+
+    def one(image, offset, flip_it):
+        padded = jnp.pad(image, pad)
+        crop = lax.dynamic_slice(padded, (offset[0], offset[1], 0), (height, width, channels))
+        return jnp.where(flip_it, crop[:, ::-1], crop)
+
+    return jax.vmap(one)(images, offsets, flips)
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentOptions:
+    """Training augmentation, per example, in this order: random crop of the image zero-padded
+    by `crop_padding` pixels and horizontal flip (the reference), then, if `auto_augment`, one
+    op of `augment_ops.OPS` at a random magnitude, then normalization, then, if `cutout` > 0, a
+    `cutout` x `cutout` square set to 0 (the dataset mean). Invalid values raise ValueError
+    naming the field."""
+
+    crop_padding: int = 4
+    flip: bool = True
+    cutout: int = 0
+    auto_augment: bool = False
+
+    def __post_init__(self) -> None:
+        checks = (
+            (
+                "crop_padding",
+                is_int(self.crop_padding) and self.crop_padding >= 0,
+                "an integer >= 0",
+            ),
+            ("flip", isinstance(self.flip, bool), "a bool"),
+            (
+                "cutout",
+                is_int(self.cutout) and self.cutout >= 0,
+                "an integer >= 0 (pixels; 0: off)",
+            ),
+            ("auto_augment", isinstance(self.auto_augment, bool), "a bool"),
+        )
+        check_fields(self, checks)
+
+
+def preprocess(
+    rng: jax.Array,
+    images: jax.Array,
+    info: DatasetInfo,
+    *,
+    train: bool,
+    options: AugmentOptions = AugmentOptions(),
+    example_offset: int | jax.Array = 0,
+    dtype=jnp.float32,
+) -> jax.Array:
+    """Train: `options`' augmentation and `normalize`; eval: `normalize` only (`rng` unused).
+    (B, H, W, C) pixels -> `dtype`; `example_offset` as in `crop_and_flip`."""
+    if not train:
+        return input_pipeline.normalize(images, info, dtype)
+    stream = lambda name: jax.random.fold_in(rng, _STREAMS[name])
+    images = crop_and_flip(
+        rng,
+        images,
+        crop_padding=options.crop_padding,
+        flip=options.flip,
+        example_offset=example_offset,
+    )
+    if options.auto_augment:
+        images = auto_augment(stream("auto_augment"), images, example_offset=example_offset)
+    images = input_pipeline.normalize(images, info, dtype)
+    if options.cutout:
+        images = cutout(
+            stream("cutout"), images, size=options.cutout, example_offset=example_offset
+        )
+    return images

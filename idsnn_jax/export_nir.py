@@ -29,13 +29,10 @@ How to read the graph (also in its metadata):
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import sys
 from collections.abc import Mapping
 from typing import Any
 
-import ml_collections
 import nir
 import numpy as np
 from absl import app, flags, logging
@@ -254,29 +251,13 @@ def export_nir(
     return nir.NIRGraph(nodes=g.nodes, edges=g.edges, metadata=_metadata(model, g))
 
 
-def load_run(workdir: str, stage: str = "student") -> tuple[ml_collections.ConfigDict, Any, Any]:
-    """(config, model, variables) of the best checkpoint of `<workdir>/<stage>` (a student
-    stage of a pipeline run, whose `config.json` rebuilds the model)."""
-    from idsnn_jax import checkpoints, plan, resume  # the training stack, only for runs
-    from idsnn_jax.datasets import dataset_info
-
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"no workdir {workdir!r}")
-    path = os.path.join(workdir, resume.CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {resume.CONFIG_FILE} in {workdir!r}: not a run's workdir")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    model = plan.build_model(config, "student", dataset_info(config.dataset))
-    return config, model, checkpoints.load_variables(os.path.join(workdir, stage))
-
-
 def export_run(workdir: str, out: str, stage: str = "student") -> nir.NIRGraph:
-    """Exports the best checkpoint of `<workdir>/<stage>` (`load_run`) to the NIR file `out`;
-    returns the graph."""
+    """Exports the best checkpoint of `<workdir>/<stage>` (`resume.load_run`) to the NIR file
+    `out`; returns the graph."""
+    from idsnn_jax import resume  # the training stack, only for runs
     from idsnn_jax.datasets import dataset_info
 
-    config, model, variables = load_run(workdir, stage)
+    config, model, variables = resume.load_run(workdir, stage)
     graph = export_nir(model, variables, dataset_info(config.dataset).image_shape)
     nir.write(out, graph)
     return graph

@@ -1,33 +1,23 @@
-"""Batch order, evaluation batches and device-side augmentation.
+"""Batch order, evaluation batches and normalization.
 
 The datasets come from `idsnn_jax.datasets` as a `Split` of host NumPy arrays, each process
 holding its shards only (`train_rows`, `test_rows`). Training batches never cross the host:
 a process's uint8 training shards live on its devices (CIFAR train, one process: 150 MB),
 `epoch_indices` draws each epoch's order there from `(seed, epoch)` (resuming at an epoch
-replays it), and the train loop gathers each batch inside the jitted step. Augmentation
-(zero-pad, random crop, flip; optionally the small AutoAugment-style policy and Cutout of
-`idsnn_jax.augment`) and normalization run there too, per example, from a JAX key.
+replays it), and the train loop gathers each batch inside the jitted step, where it is
+augmented (`idsnn_jax.augment`) and normalized (`normalize`).
 Evaluation batches are padded on the host (`eval_batches`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from idsnn_jax.augment import auto_augment, cutout
-from idsnn_jax.checks import check_fields, is_int
 from idsnn_jax.datasets import DatasetInfo, Split
-
-# Streams of the per-step key beside the crop/flip draws, which fold in the example index
-# itself: each option draws from `fold_in(fold_in(rng, stream), example)`, so turning one on
-# changes no other draw (and the reference's crops and flips stay as they were).
-_STREAMS = {"auto_augment": 2**31 - 1, "cutout": 2**31 - 2}
 
 # --- Batch order and layout -----------------------------------------------------------------
 
@@ -145,51 +135,7 @@ def eval_batches(
         yield {"image": image, "label": label, "mask": real.astype(np.float32)}
 
 
-# --- On the device, inside the jitted step --------------------------------------------------------
-
-
-def _augment_params(
-    rng: jax.Array, batch_size: int, crop_padding: int, flip: bool, example_offset=0
-):
-    """Per-example crop offsets int32 (B, 2) in [0, 2 * crop_padding] and flips bool (B,).
-
-    Example i draws from `fold_in(rng, example_offset + i)` alone, so a global batch split
-    over devices (each passing its offset) is augmented exactly as it is on one device.
-    """
-
-    def one(index):
-        crop_rng, flip_rng = jax.random.split(jax.random.fold_in(rng, index))
-        offset = jax.random.randint(crop_rng, (2,), 0, 2 * crop_padding + 1)
-        return offset, jax.random.bernoulli(flip_rng, 0.5 if flip else 0.0)
-
-    return jax.vmap(one)(example_offset + jnp.arange(batch_size))
-
-
-def augment(
-    rng: jax.Array,
-    images: jax.Array,
-    *,
-    crop_padding: int = 4,
-    flip: bool = True,
-    example_offset: int | jax.Array = 0,
-) -> jax.Array:
-    """Random crop of the zero-padded image and random horizontal flip, per example.
-
-    images: (B, H, W, C), uint8 or float, raw pixels (pad before normalizing, as torchvision's
-    RandomCrop does). Returns the same shape and dtype. Offsets are uniform in
-    [0, 2 * crop_padding] on each axis; each image is flipped with probability 0.5 if `flip`.
-    `example_offset` is the index of `images[0]` in the global batch (see `_augment_params`).
-    """
-    batch, height, width, channels = images.shape
-    offsets, flips = _augment_params(rng, batch, crop_padding, flip, example_offset)
-    pad = ((crop_padding, crop_padding), (crop_padding, crop_padding), (0, 0))
-
-    def one(image, offset, flip_it):
-        padded = jnp.pad(image, pad)
-        crop = lax.dynamic_slice(padded, (offset[0], offset[1], 0), (height, width, channels))
-        return jnp.where(flip_it, crop[:, ::-1], crop)
-
-    return jax.vmap(one)(images, offsets, flips)
+# --- On the device: normalization (augmentation: `augment.preprocess`) -----------------------
 
 
 def normalize(images: jax.Array, info: DatasetInfo, dtype=jnp.float32) -> jax.Array:
@@ -199,66 +145,3 @@ def normalize(images: jax.Array, info: DatasetInfo, dtype=jnp.float32) -> jax.Ar
     mean = jnp.asarray(info.mean, jnp.float32)
     std = jnp.asarray(info.std, jnp.float32)
     return ((images.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
-
-
-@dataclasses.dataclass(frozen=True)
-class AugmentOptions:
-    """Training augmentation, per example, in this order: random crop of the image zero-padded
-    by `crop_padding` pixels and horizontal flip (the reference), then, if `auto_augment`, one
-    op of `augment.OPS` at a random magnitude, then normalization, then, if `cutout` > 0, a
-    `cutout` x `cutout` square set to 0 (the dataset mean). Invalid values raise ValueError
-    naming the field."""
-
-    crop_padding: int = 4
-    flip: bool = True
-    cutout: int = 0
-    auto_augment: bool = False
-
-    def __post_init__(self) -> None:
-        checks = (
-            (
-                "crop_padding",
-                is_int(self.crop_padding) and self.crop_padding >= 0,
-                "an integer >= 0",
-            ),
-            ("flip", isinstance(self.flip, bool), "a bool"),
-            (
-                "cutout",
-                is_int(self.cutout) and self.cutout >= 0,
-                "an integer >= 0 (pixels; 0: off)",
-            ),
-            ("auto_augment", isinstance(self.auto_augment, bool), "a bool"),
-        )
-        check_fields(self, checks)
-
-
-def preprocess(
-    rng: jax.Array,
-    images: jax.Array,
-    info: DatasetInfo,
-    *,
-    train: bool,
-    options: AugmentOptions = AugmentOptions(),
-    example_offset: int | jax.Array = 0,
-    dtype=jnp.float32,
-) -> jax.Array:
-    """Train: `options`' augmentation and `normalize`; eval: `normalize` only (`rng` unused).
-    (B, H, W, C) pixels -> `dtype`; `example_offset` as in `augment`."""
-    if not train:
-        return normalize(images, info, dtype)
-    stream = lambda name: jax.random.fold_in(rng, _STREAMS[name])
-    images = augment(
-        rng,
-        images,
-        crop_padding=options.crop_padding,
-        flip=options.flip,
-        example_offset=example_offset,
-    )
-    if options.auto_augment:
-        images = auto_augment(stream("auto_augment"), images, example_offset=example_offset)
-    images = normalize(images, info, dtype)
-    if options.cutout:
-        images = cutout(
-            stream("cutout"), images, size=options.cutout, example_offset=example_offset
-        )
-    return images

@@ -12,6 +12,7 @@ import dataclasses
 import math
 
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from idsnn_jax.checks import check_fields, is_int
@@ -84,6 +85,19 @@ def lr_schedule(options: OptimizerOptions, steps_per_epoch: int, num_epochs: int
     if not warmup:
         return main
     return lambda s: jnp.where(s < warmup, lr * (s + 1) / warmup, main(s))
+
+
+def same_rates(
+    options: OptimizerOptions, steps_per_epoch: int, trained: int, epochs: tuple[int, int]
+) -> bool:
+    """Whether steps 0 .. trained - 1 get the same learning rate in a run of `epochs[0]` epochs
+    as in one of `epochs[1]` (up to the base rate, which a diverged run may lower)."""
+    shape = dataclasses.replace(options, learning_rate=1.0)
+    steps = np.arange(trained)
+    rates = [
+        np.broadcast_to(lr_schedule(shape, steps_per_epoch, n)(steps), steps.shape) for n in epochs
+    ]
+    return bool(np.array_equal(*rates))
 
 
 def create_optimizer(

@@ -22,10 +22,10 @@ import jax
 import ml_collections
 
 from idsnn_jax import optim, steps
+from idsnn_jax.augment import AugmentOptions
 from idsnn_jax.checks import is_int
 from idsnn_jax.configs import default
 from idsnn_jax.datasets import DatasetInfo, dataset_info
-from idsnn_jax.input_pipeline import AugmentOptions
 from idsnn_jax.losses import LossOptions
 from idsnn_jax.models import create_model, is_spiking
 from idsnn_jax.precision import DTYPES, compute_dtype

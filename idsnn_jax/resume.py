@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from idsnn_jax import files
-from idsnn_jax.checkpoints import has_checkpoint
+from idsnn_jax.checkpoints import has_checkpoint, load_variables
+from idsnn_jax.datasets import dataset_info
 from idsnn_jax.logs import logger
-from idsnn_jax.plan import data_shards, flatten
+from idsnn_jax.plan import build_model, data_shards, flatten
 from idsnn_jax.precision import compute_dtype
 
 CONFIG_FILE = "config.json"
@@ -135,3 +136,17 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         files.write_text(path, json.dumps(config_record(config), indent=2) + "\n", changed=True)
         if os.path.isfile(os.path.join(workdir, DIVERGED_FILE)):
             os.remove(os.path.join(workdir, DIVERGED_FILE))
+
+
+def load_run(workdir: str, stage: str = "student") -> tuple[ml_collections.ConfigDict, Any, Any]:
+    """(config, model, variables) of the best checkpoint of `<workdir>/<stage>`, a student
+    stage of a pipeline run, whose `config.json` rebuilds the model."""
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"no workdir {workdir!r}")
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {workdir!r}: not a run's workdir")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    model = build_model(config, "student", dataset_info(config.dataset))
+    return config, model, load_variables(os.path.join(workdir, stage))

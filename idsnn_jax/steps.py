@@ -29,8 +29,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from idsnn_jax import energy, input_pipeline
+from idsnn_jax.augment import AugmentOptions, preprocess
 from idsnn_jax.datasets import DatasetInfo
-from idsnn_jax.input_pipeline import AugmentOptions
 from idsnn_jax.losses import LossOptions, cross_entropy, objective
 from idsnn_jax.models import firing_rates
 from idsnn_jax.precision import wide_dtype
@@ -158,7 +158,7 @@ def make_train_step(
     grad_fn = jax.value_and_grad(functools.partial(_loss, model, teacher, loss), has_aux=True)
 
     def train_step(state: TrainState, batch: Batch, teacher_variables: Any):
-        images = input_pipeline.preprocess(
+        images = preprocess(
             jax.random.fold_in(state.rng, state.step),
             batch["image"],
             info,

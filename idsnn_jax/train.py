@@ -1,35 +1,30 @@
 """The loop layer: train one model (teacher or student) for some epochs, resumably.
 
-`fit` runs the epoch loop over the jitted steps of `steps.py`: each process's training shards
-placed on its devices once, each epoch's order drawn there, `steps_per_call` steps per host
-dispatch, evaluation on the whole test split after every epoch, a NaN guard, metric
-records, one checkpoint per saved epoch, and safe points where SIGTERM/SIGINT stop it
-(`faults.point`). It reads a small frozen `FitOptions`, never the config:
-only the pipeline reads the ConfigDict.
+`fit` builds a stage's optimizer and state, resumes it from its newest checkpoint (refusing
+one trained with other data, another teacher or another learning rate), runs its epochs
+(`epochs.py`: the jitted steps of `steps.py`, evaluation after each) and saves the epochs
+worth keeping. It reads a small frozen `FitOptions`, never the config.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import time
 import zlib
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
-from idsnn_jax import energy, faults, input_pipeline, optim, steps
+from idsnn_jax import energy, epochs, faults, input_pipeline, optim, steps
+from idsnn_jax.augment import AugmentOptions
 from idsnn_jax.checkpoints import StageCheckpoints, fingerprint
 from idsnn_jax.checks import check_fields, is_int
 from idsnn_jax.datasets import DatasetInfo, Split
-from idsnn_jax.logs import MetricLogger, logger, progress
+from idsnn_jax.logs import MetricLogger, logger
 from idsnn_jax.losses import LossOptions
 
 
@@ -43,7 +38,7 @@ class FitOptions:
     seed: int = 0
     optimizer: optim.OptimizerOptions = optim.OptimizerOptions()
     loss: LossOptions = LossOptions()
-    augment: input_pipeline.AugmentOptions = input_pipeline.AugmentOptions()
+    augment: AugmentOptions = AugmentOptions()
     # > 0: also keep an exponential moving average of the weights (`steps.ema_update`),
     # evaluated beside them every epoch (`test_ema_*`); the raw weights are what is selected.
     ema_decay: float = 0.0
@@ -140,46 +135,31 @@ def fit(
     """
     steps_per_epoch = input_pipeline.num_train_steps(ctx.train_size, options.batch_size)
     tx, schedule = optim.create_optimizer(options.optimizer, steps_per_epoch, options.num_epochs)
-    seed = stage_seed(options.seed, stage)
-    state = steps.create_train_state(variables, tx, seed, ema=options.ema_decay > 0)
-    state = steps.replicate(state, ctx.mesh)
+    state = steps.create_train_state(
+        variables, tx, stage_seed(options.seed, stage), ema=options.ema_decay > 0
+    )
     ckpt = StageCheckpoints(os.path.join(ctx.workdir, stage), keep=options.checkpoint_keep)
-    history: list[dict[str, float]] = []
-    partial = _Partial()
     inputs = {
         "num_epochs": options.num_epochs,
         "data": ctx.data_fingerprint,
         "teacher": fingerprint(teacher[1]) if teacher else "",
     }
-    restored = ckpt.restore_latest(state)
-    if restored is not None:
-        state, meta = restored
-        history = meta["history"]
-        partial = _Partial(meta.get("steps_done", 0), meta.get("metrics", []))
-        trained = len(history) * steps_per_epoch + partial.steps
-        where = f"[{stage}] ({ckpt.directory})"
-        _check_resume(where, meta, inputs, options, steps_per_epoch, trained)
+    state, history, partial = _restore(
+        ckpt, steps.replicate(state, ctx.mesh), stage, inputs, options, steps_per_epoch
+    )
     if len(history) >= options.num_epochs:
         ckpt.close()
         return _finished(stage, history, state, options)
-    if history or partial.steps:
-        logger.info(
-            "[%s] resuming at epoch %d of %d%s",
-            stage,
-            len(history) + 1,
-            options.num_epochs,
-            f", step {partial.steps + 1}" if partial.steps else "",
-        )
     train_fn, eval_fns = _compile(ctx, model, tx, options, teacher[0] if teacher else None)
     teacher_variables = steps.replicate(teacher[1] if teacher else {}, ctx.mesh)
     data = steps.device_data(ctx.train_split.images, ctx.train_split.labels, ctx.mesh)
-    loop = _EpochLoop(ctx, stage, options, train_fn, data, teacher_variables, ckpt, inputs)
+    loop = epochs.EpochLoop(ctx, stage, options, train_fn, data, teacher_variables, ckpt, inputs)
     try:
         for epoch in range(len(history), options.num_epochs):
             state, record = loop.run(epoch, state, history, partial)
-            partial = _Partial()
+            partial = epochs.Partial()
             record["lr"] = float(schedule(epoch * steps_per_epoch))
-            test = _test(ctx, eval_fns, state, options, stage, epoch)
+            test = epochs.test_epoch(ctx, eval_fns, state, options, stage, epoch)
             record.update({f"test_{k}" if "/" not in k else k: v for k, v in test.items()})
             history.append(record)
             ctx.writer.write(stage, epoch + 1, record)
@@ -191,6 +171,31 @@ def fit(
         ckpt.close()  # waits for a pending save, also when stopped by an exception
     _stop_after(faults.point("stage_end"), stage, len(history))
     return FitResult(state, history)
+
+
+def _restore(
+    ckpt: StageCheckpoints,
+    state: steps.TrainState,
+    stage: str,
+    inputs: dict[str, Any],
+    options: FitOptions,
+    steps_per_epoch: int,
+) -> tuple[steps.TrainState, list[dict[str, float]], epochs.Partial]:
+    """The stage's newest checkpoint (state, finished epochs' records, the epoch in progress),
+    checked against what the stage trains with now; `state` and nothing done when none."""
+    restored = ckpt.restore_latest(state)
+    if restored is None:
+        return state, [], epochs.Partial()
+    state, meta = restored
+    history = meta["history"]
+    partial = epochs.Partial(meta.get("steps_done", 0), meta.get("metrics", []))
+    trained = len(history) * steps_per_epoch + partial.steps
+    _check_resume(f"[{stage}] ({ckpt.directory})", meta, inputs, options, steps_per_epoch, trained)
+    if len(history) < options.num_epochs:
+        at_step = f", step {partial.steps + 1}" if partial.steps else ""
+        epoch = f"{len(history) + 1} of {options.num_epochs}"
+        logger.info("[%s] resuming at epoch %s%s", stage, epoch, at_step)
+    return state, history, partial
 
 
 def _check_resume(
@@ -217,7 +222,8 @@ def _check_resume(
             f"-> {inputs['teacher']}): give it that teacher (teacher.checkpoint), {fix}"
         )
     old = meta.get("num_epochs", options.num_epochs)
-    if old != options.num_epochs and not _same_rates(options, steps_per_epoch, trained, old):
+    same = optim.same_rates(options.optimizer, steps_per_epoch, trained, (old, options.num_epochs))
+    if old != options.num_epochs and not same:
         raise ValueError(
             f"{stage} num_epochs {old} -> {options.num_epochs} changes the learning rate of the "
             f"{trained} steps already trained (schedule={options.optimizer.schedule!r}, "
@@ -225,28 +231,6 @@ def _check_resume(
             f"configured for {options.num_epochs} epochs from the start: keep num_epochs={old}, "
             f"{fix}"
         )
-
-
-def _same_rates(options: FitOptions, steps_per_epoch: int, trained: int, old: int) -> bool:
-    """Whether the learning rate of steps 0 .. trained - 1 is the same for a run of `old`
-    epochs as for one of `options.num_epochs` (up to the rate itself, which a diverged run
-    may lower)."""
-    shape = dataclasses.replace(options.optimizer, learning_rate=1.0)
-    steps = np.arange(trained)
-    epochs = (old, options.num_epochs)
-    rates = [
-        np.broadcast_to(optim.lr_schedule(shape, steps_per_epoch, n)(steps), steps.shape)
-        for n in epochs
-    ]
-    return bool(np.array_equal(*rates))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Partial:
-    """How far the epoch in progress got: steps done and their per-step metrics."""
-
-    steps: int = 0
-    metrics: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
 
 def _finished(
@@ -298,192 +282,9 @@ def _compile(
     return steps.compile_train_loop(ctx.mesh, steps.make_train_loop(train_step)), (counting, plain)
 
 
-def _test(
-    ctx: RunContext,
-    eval_fns: tuple[Callable, Callable],
-    state: steps.TrainState,
-    options: FitOptions,
-    stage: str,
-    epoch: int,
-) -> dict[str, float]:
-    """The epoch's evaluation on the whole test split: `evaluate`'s means, the energy of
-    `options.energy`, and the EMA weights' accuracy and loss (`ema_*`, not counted again)
-    when kept. FloatingPointError when the test loss is not finite (a last step that broke
-    the weights). `eval_fns`: (the eval step counting operations if asked, one never)."""
-    evaluate_on = lambda s, fn: evaluate(
-        fn, s, ctx.test_split, options.eval_batch_size, ctx.mesh, ctx.test_size
-    )
-    test = evaluate_on(state, eval_fns[0])
-    if not math.isfinite(test["loss"]):
-        raise FloatingPointError(
-            f"[{stage}] test loss is {test['loss']} after epoch {epoch + 1}; lower "
-            "optimizer.learning_rate or check the data"
-        )
-    if options.energy:
-        costs = energy.PRESETS[options.energy]
-        test["energy_uj"] = energy.energy_uj(test["macs"], test["sops"], costs)
-    if state.ema is not None:
-        averaged = evaluate_on(state.replace(**state.ema), eval_fns[1])
-        test |= {"ema_accuracy": averaged["accuracy"], "ema_loss": averaged["loss"]}
-    return test
-
-
 def _should_save(history: list[dict[str, float]], options: FitOptions) -> bool:
     """Every `checkpoint_every_epochs`, the last epoch, and a new best epoch."""
     epoch = len(history)
     *before, record = history
     is_best = all(record["test_accuracy"] > r["test_accuracy"] for r in before)
     return epoch % options.checkpoint_every_epochs == 0 or epoch == options.num_epochs or is_best
-
-
-def evaluate(
-    eval_fn: Callable,
-    state: steps.TrainState,
-    split: Split,
-    batch_size: int,
-    mesh: Mesh,
-    total: int | None = None,
-) -> dict[str, float]:
-    """Top-1 accuracy, mean loss and mean firing rates over every example of a split of
-    `total` examples, of which this process holds `split` (default: all of it); the sums of
-    all processes are combined in the eval step.
-
-    Each batch's sums come to the host and add up there in float64: an eager `jnp.add` on
-    the device outputs, dispatched asynchronously between the eval steps' all-reduces,
-    deadlocks XLA:CPU with several devices (3 of 4 wait in the all-reduce forever)."""
-    totals: dict[str, np.ndarray] = {}
-    batches = input_pipeline.eval_batches(
-        split, global_batch_size=batch_size, total=total, process_count=jax.process_count()
-    )
-    for batch in batches:
-        sums = jax.device_get(eval_fn(state, steps.shard_batch(batch, mesh)))
-        sums = {k: np.asarray(v, np.float64) for k, v in sums.items()}
-        totals = sums if not totals else {k: totals[k] + v for k, v in sums.items()}
-    count = float(totals.pop("count"))
-    out = {"accuracy": float(totals.pop("correct")) / count}
-    out.update({k: float(v) / count for k, v in totals.items()})
-    return out
-
-
-class _EpochLoop:
-    """One stage's passes over the training split, stoppable after any dispatch: a stop
-    signal (`faults.point`) saves the state there (`StageCheckpoints.save_partial`) and ends
-    the run with `faults.Preempted`."""
-
-    def __init__(
-        self,
-        ctx: RunContext,
-        stage: str,
-        options: FitOptions,
-        train_fn: steps.TrainLoop,
-        data: steps.Batch,
-        teacher_variables: Any,
-        ckpt: StageCheckpoints,
-        inputs: dict[str, Any],
-    ) -> None:
-        self.ctx, self.stage, self.options, self.ckpt = ctx, stage, options, ckpt
-        self.inputs = inputs  # what the stage trains with, saved beside a stopped epoch
-        self.step = lambda state, idx, valid: train_fn(state, data, idx, valid, teacher_variables)
-
-    def run(
-        self, epoch: int, state: steps.TrainState, history: list[dict], partial: _Partial
-    ) -> tuple[steps.TrainState, dict[str, float]]:
-        """Epoch `epoch` (0-based) from `partial` on; returns the new state and mean
-        metrics (`history`: the finished epochs, saved with a stop)."""
-        options = self.options
-        num_steps = input_pipeline.num_train_steps(self.ctx.train_size, options.batch_size)
-        calls = _epoch_calls(self.ctx, epoch, options, partial.steps)
-        bar = progress(
-            calls,
-            total=len(calls),
-            desc=f"{self.stage} epoch {epoch + 1}",
-            images_per_item=options.steps_per_call * options.batch_size,
-        )
-        start = time.perf_counter()
-        pending: list[dict[str, jax.Array]] = []
-        fetched, done = list(partial.metrics), partial.steps
-        for indices, valid in bar:
-            state, metrics = self.step(state, indices, valid)
-            pending.append(metrics)
-            before, done = done, done + int(np.sum(valid))
-            signum = faults.point("train_call")
-            every = options.log_every_steps
-            if signum is not None or done // every > before // every or done == num_steps:
-                fetched += self._fetch(pending, num_steps - len(fetched), epoch, len(fetched))
-                pending = []
-                bar.set_postfix(loss=f"{fetched[-1]['loss']:.4f}")
-            if signum is not None:
-                self._stop(signum, state, epoch, history, _Partial(done, fetched), num_steps)
-        seconds = time.perf_counter() - start
-        return state, {
-            "train_loss": float(np.mean([m["loss"] for m in fetched])),
-            "train_accuracy": float(np.mean([m["accuracy"] for m in fetched])),
-            "images_per_sec": (num_steps - partial.steps) * options.batch_size / seconds,
-            "epoch_seconds": seconds,
-        }
-
-    def _fetch(self, pending: list, limit: int, epoch: int, offset: int) -> list[dict]:
-        per_step = _per_step(jax.device_get(pending), limit)
-        return _check_finite(per_step, self.stage, epoch, offset)
-
-    def _stop(
-        self,
-        signum: int,
-        state: steps.TrainState,
-        epoch: int,
-        history: list[dict],
-        partial: _Partial,
-        num_steps: int,
-    ) -> None:
-        """Saves the state after `partial.steps` of epoch `epoch` and raises `Preempted`."""
-        meta = {"history": history, "steps_done": partial.steps, "metrics": partial.metrics}
-        meta |= self.inputs
-        self.ckpt.save_partial(state, meta)
-        where = f"epoch {epoch + 1}, step {partial.steps} of {num_steps} (saved there)"
-        raise faults.stopped(signum, self.stage, where, "resume from that step")
-
-
-def _epoch_calls(
-    ctx: RunContext, epoch: int, options: FitOptions, first_step: int = 0
-) -> list[tuple[jax.Array, np.ndarray]]:
-    """The epoch's (indices (k, B) on device, valid (k,)) per dispatch from step `first_step`
-    on, k = steps_per_call (or fewer, for a short epoch); the last call is padded with invalid
-    steps, so every call has one shape and the loop compiles once."""
-    num_steps = input_pipeline.num_train_steps(ctx.train_size, options.batch_size)
-    k = min(options.steps_per_call, num_steps)
-    indices = input_pipeline.epoch_indices(
-        ctx.train_size,
-        options.batch_size,
-        seed=options.seed,
-        epoch=epoch,
-        num_shards=ctx.data_shards,
-        process_count=jax.process_count(),
-        first_step=first_step,
-        steps_multiple=k,
-        sharding=NamedSharding(ctx.mesh, P(None, steps.AXIS)),
-    )
-    valid = np.arange(indices.shape[0]) < num_steps - first_step
-    calls = [(indices[s : s + k], valid[s : s + k]) for s in range(0, indices.shape[0], k)]
-    # Ready before the first step, a precaution: eager device ops in flight beside the steps'
-    # all-reduces are the pattern that deadlocked XLA:CPU in `evaluate` (not seen here).
-    return jax.block_until_ready(calls)
-
-
-def _per_step(metrics: list[dict[str, np.ndarray]], limit: int) -> list[dict[str, Any]]:
-    """Per-call metrics (each (k,)) as one dict per step, at most `limit` (padding dropped)."""
-    out = [{k: v[i] for k, v in m.items()} for m in metrics for i in range(len(m["loss"]))]
-    return out[:limit]
-
-
-def _check_finite(
-    metrics: list[dict[str, Any]], stage: str, epoch: int, offset: int
-) -> list[dict[str, float]]:
-    """`metrics` as floats; FloatingPointError naming stage, epoch and step on a NaN loss."""
-    out = [{k: float(v) for k, v in m.items()} for m in metrics]
-    for i, m in enumerate(out):
-        if not math.isfinite(m["loss"]):
-            raise FloatingPointError(
-                f"[{stage}] training loss is {m['loss']} at epoch {epoch + 1}, step "
-                f"{offset + i + 1} of the epoch; lower optimizer.learning_rate or check the data"
-            )
-    return out

@@ -11,7 +11,7 @@ process once a rendezvous waits longer than its termination timeout ("Terminatio
 for `all reduce ...` exceeded"). A lagging fake device is not a bug, so the timeout is 10
 minutes here, far above any lag; longer only hides a deadlock (the aborts once "seen in
 evaluation" were one: eager device adds between the eval steps' all-reduces, fixed in
-`train.evaluate`, which with an hour's timeout hung CI past its limit).
+`epochs.evaluate`, which with an hour's timeout hung CI past its limit).
 
 Most of the suite's time is XLA compiling the same tiny networks again and again (every
 pipeline test compiles a teacher and a student step). JAX's persistent compilation cache,
@@ -43,6 +43,7 @@ import pathlib
 import pickle
 import struct
 import tarfile
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -196,3 +197,18 @@ def log_lines():
     yield handler.lines
     logger.removeHandler(handler)
     logger.setLevel(level)
+
+
+def load_error_and_peak_mib(*args) -> tuple[str, float]:
+    """The ValueError message of `datasets.load_split(*args)` and the peak of the memory
+    Python allocated meanwhile (tracemalloc: bytes objects and NumPy arrays), in MiB."""
+    from idsnn_jax.datasets import load_split
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError) as err:
+            load_split(*args)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return str(err.value), peak / 2**20

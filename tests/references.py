@@ -240,3 +240,79 @@ def trivial_augment_op(image: np.ndarray, name: str, m: float) -> np.ndarray:
         "posterize": lambda: posterize(image, 8 - int(np.floor(4 * m))),
     }
     return ops[name]()
+
+
+def _flat_dict(tree: dict, prefix: str = "") -> dict:
+    """{"a/b/c": leaf} of a nested dict."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out.update(_flat_dict(v, key + "/") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def resnet_forward(
+    variables,
+    images,
+    *,
+    stage_sizes,
+    bottleneck=False,
+    time_steps=1,
+    lif=None,
+    train=False,
+    sew=False,
+    stem_padding=1,
+):
+    """Float64 logits (B, classes) of a CIFAR ResNet, per LIF layer `(u, s)` each (T, B, ...),
+    and in train mode `{bn path: (mean, var)}` of the batch statistics each BN used.
+
+    `lif`: None for the ANN (ReLU), else `(decay, v_th)`. `train`: BN with the batch's
+    statistics over every axis but the channel (tdBN: T*B, H, W), else the running ones.
+    """
+    params = {k: np.asarray(v, np.float64) for k, v in _flat_dict(variables["params"]).items()}
+    stats = {k: np.asarray(v, np.float64) for k, v in _flat_dict(variables["batch_stats"]).items()}
+    used, lif_layers, stats_used = set(), [], {}
+    t, b = time_steps, images.shape[0]
+
+    def get(tree, key):
+        used.add(key)
+        return tree[key]
+
+    def conv_bn(h, block, conv, bn, stride=1, pad=None):
+        h = conv2d(h, get(params, f"{block}/{conv}/kernel"), stride, pad)
+        bn = f"{block}/{bn}"
+        scale, bias = get(params, f"{bn}/scale"), get(params, f"{bn}/bias")
+        if train:
+            stats_used[bn] = moments(h)
+            return batch_norm(h, scale, bias)
+        return batch_norm(h, scale, bias, get(stats, f"{bn}/mean"), get(stats, f"{bn}/var"))
+
+    def act(h):
+        if lif is None:
+            return relu(h)
+        u, s = lif_forward(h.reshape(t, b, *h.shape[1:]), *lif)
+        lif_layers.append((u, s))
+        return s.reshape(h.shape)
+
+    h = np.concatenate([np.asarray(images, np.float64)] * t)  # direct encoding, time-major
+    h = act(conv_bn(h, "stem", "conv", "bn", pad=stem_padding))
+    for i, num_blocks in enumerate(stage_sizes):
+        for j in range(num_blocks):
+            blk, stride = f"stage{i + 1}/block{j}", 2 if i > 0 and j == 0 else 1
+            if bottleneck:
+                y = act(conv_bn(h, blk, "conv1", "bn1"))
+                y = act(conv_bn(y, blk, "conv2", "bn2", stride))
+                y = conv_bn(y, blk, "conv3", "bn3")
+            else:
+                y = act(conv_bn(h, blk, "conv1", "bn1", stride))
+                y = conv_bn(y, blk, "conv2", "bn2")
+            shortcut = h
+            if stride != 1 or h.shape[-1] != y.shape[-1]:
+                shortcut = conv_bn(h, blk, "shortcut_conv", "shortcut_bn", stride, pad=0)
+                shortcut = act(shortcut) if sew else shortcut
+            h = act(y) + shortcut if sew else act(y + shortcut)
+    features = global_avg_pool(h).reshape(t, b, -1).mean(axis=0)
+    logits = dense(features, get(params, "head/kernel"), get(params, "head/bias"))
+    unused = (set(params) | (set() if train else set(stats))) - used
+    assert not unused, f"leaves the reference did not use: {sorted(unused)}"
+    return logits, lif_layers, stats_used

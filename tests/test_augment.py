@@ -9,14 +9,16 @@ import pytest
 import references as ref
 
 from idsnn_jax import augment as aug
+from idsnn_jax import augment_ops, datasets
+from idsnn_jax import input_pipeline as ip
 
 H, W = 8, 10  # non-square on purpose: a swapped axis shows
 MAGNITUDES = (0.0, 0.37, 0.5, 0.81, 1.0)  # none a rounding tie of a translate or threshold
-_apply = jax.jit(aug.apply_op)  # one compile per image shape: op and magnitude are traced
+_apply = jax.jit(augment_ops.apply_op)  # one compile per image shape: op and magnitude are traced
 
 
 def _op(image: np.ndarray, name: str, m: float) -> np.ndarray:
-    return np.asarray(_apply(image, aug.OPS.index(name), m))
+    return np.asarray(_apply(image, augment_ops.OPS.index(name), m))
 
 
 def _images(channels: int) -> list[np.ndarray]:
@@ -34,88 +36,7 @@ def _pixel(y: int, x: int, shape=(H, W, 1), value: int = 255) -> np.ndarray:
     return image
 
 
-# --- TrivialAugment-style ops -----------------------------------------------------------------
-
-
-def test_ops_names_and_order():
-    assert aug.OPS == (
-        "identity", "rotate", "shear_x", "shear_y", "translate_x", "translate_y",
-        "brightness", "contrast", "solarize", "posterize",
-    )  # fmt: skip
-
-
-@pytest.mark.parametrize("channels", [1, 3])
-def test_apply_op_matches_numpy_reference(channels):
-    cases = [(im, op, m) for im in _images(channels) for op in aug.OPS for m in MAGNITUDES]
-    images, ops, ms = (np.stack(column) for column in zip(*cases, strict=True))
-    indices = np.array([aug.OPS.index(op) for op in ops], np.int32)
-    out = np.asarray(jax.jit(jax.vmap(aug.apply_op))(images, indices, ms.astype(np.float32)))
-    assert out.dtype == np.uint8 and out.shape == images.shape
-    for got, (image, op, m) in zip(out, cases, strict=True):
-        np.testing.assert_array_equal(got, ref.trivial_augment_op(image, op, m), f"{op} m={m}")
-
-
-def test_apply_op_unbatched_matches_batched():
-    image = _images(3)[0]
-    for index, op in enumerate(aug.OPS):
-        np.testing.assert_array_equal(_op(image, op, 0.81), aug.apply_op(image, index, 0.81))
-
-
-def test_identity_at_middle_magnitude():
-    image = _images(3)[0]
-    for op in ("identity", "rotate", "shear_x", "shear_y", "translate_x", "translate_y"):
-        np.testing.assert_array_equal(_op(image, op, 0.5), image, op)
-    for op in ("brightness", "contrast"):  # factor 1
-        np.testing.assert_array_equal(_op(image, op, 0.5), image, op)
-
-
-def test_translate_moves_pixel_by_rounded_fraction():
-    # translate_x: k = round((2 m - 1) * 0.3 * 10) = +3 at m = 1 (right), -3 at m = 0 (left).
-    np.testing.assert_array_equal(_op(_pixel(3, 2), "translate_x", 1.0), _pixel(3, 5))
-    np.testing.assert_array_equal(_op(_pixel(3, 6), "translate_x", 0.0), _pixel(3, 3))
-    # translate_y: k = round(0.3 * 8) = 2, down at m = 1; a pixel shifted out leaves zeros.
-    np.testing.assert_array_equal(_op(_pixel(3, 2), "translate_y", 1.0), _pixel(5, 2))
-    assert not _op(_pixel(7, 2), "translate_y", 1.0).any()
-
-
-def test_rotate_is_counter_clockwise_as_displayed():
-    # 9x9, center (4, 4): the pixel 4 right of it at +30 degrees lands near
-    # (4 - 4 sin 30, 4 + 4 cos 30) = (2, 7.46); output (2, 7) samples input (3.77, 7.60) -> (4, 8).
-    out = _op(_pixel(4, 8, (9, 9, 1)), "rotate", 1.0)
-    assert out[2, 7, 0] == 255 and out[4, 8, 0] == 0
-    assert _op(_pixel(4, 8, (9, 9, 1)), "rotate", 0.0)[6, 7, 0] == 255  # -30: clockwise, down
-
-
-def test_shear_x_slides_rows_about_center():
-    # s = 0.3 at m = 1: row y samples column x + round(0.3 (y - 3.5)), so a vertical line at
-    # x = 5 lands at 6 in rows 0-1 (offset -1.05, -0.75), 5 in rows 2-5, 4 in rows 6-7.
-    line = np.zeros((H, W, 1), np.uint8)
-    line[:, 5] = 255
-    columns = _op(line, "shear_x", 1.0)[..., 0].argmax(axis=1)
-    np.testing.assert_array_equal(columns, [6, 6, 5, 5, 5, 5, 4, 4])
-
-
-def test_photometric_ops_by_hand():
-    image = np.array([[0, 100, 200, 255]], np.uint8)[..., None]  # (1, 4, 1)
-    np.testing.assert_array_equal(_op(image, "brightness", 1.0)[0, :, 0], [0, 190, 255, 255])
-    np.testing.assert_array_equal(_op(image, "brightness", 0.0)[0, :, 0], [0, 10, 20, 26])
-    halves = np.array([[0, 200]], np.uint8)[..., None]  # mean 100
-    np.testing.assert_array_equal(_op(halves, "contrast", 0.0)[0, :, 0], [90, 110])
-    np.testing.assert_array_equal(_op(halves, "contrast", 1.0)[0, :, 0], [0, 255])
-    grey_rgb = np.repeat(halves, 3, axis=-1)  # the luma weights sum to 1: same mean
-    np.testing.assert_array_equal(_op(grey_rgb, "contrast", 0.0)[0, :, 0], [90, 110])
-
-
-def test_solarize_and_posterize_by_hand():
-    image = np.array([[0, 127, 128, 183, 254, 255]], np.uint8)[..., None]
-    solarize = lambda m: _op(image, "solarize", m)[0, :, 0]
-    np.testing.assert_array_equal(solarize(0.0), image[0, :, 0])  # t = 256: none
-    np.testing.assert_array_equal(solarize(0.5), [0, 127, 127, 72, 1, 0])  # t = 128
-    np.testing.assert_array_equal(solarize(1.0), 255 - image[0, :, 0])  # t = 0: all
-    posterize = lambda m: _op(image, "posterize", m)[0, :, 0]
-    np.testing.assert_array_equal(posterize(0.0), image[0, :, 0])  # 8 bits
-    np.testing.assert_array_equal(posterize(0.5), [0, 124, 128, 180, 252, 252])  # 6 bits
-    np.testing.assert_array_equal(posterize(1.0), [0, 112, 128, 176, 240, 240])  # 4 bits
+# --- TrivialAugment-style policy ------------------------------------------------------------
 
 
 def test_auto_augment_matches_reference_per_example():
@@ -125,7 +46,7 @@ def test_auto_augment_matches_reference_per_example():
     ops, ms = map(np.asarray, aug.sample_ops(rng, 32))
     assert ops.dtype == np.int32 and ms.dtype == np.float32
     for got, image, op, m in zip(out, images, ops, ms, strict=True):
-        np.testing.assert_array_equal(got, ref.trivial_augment_op(image, aug.OPS[op], m))
+        np.testing.assert_array_equal(got, ref.trivial_augment_op(image, augment_ops.OPS[op], m))
     with pytest.raises(ValueError, match="uint8"):
         aug.auto_augment(rng, images.astype(np.float32))
 
@@ -133,7 +54,7 @@ def test_auto_augment_matches_reference_per_example():
 def test_sample_ops_differ_per_example_and_cover_ops():
     ops, ms = map(np.asarray, aug.sample_ops(jax.random.PRNGKey(0), 512))
     assert len(np.unique(ops[:64])) > 1 and len(np.unique(ms[:64])) == 64
-    assert set(ops.tolist()) == set(range(len(aug.OPS))) and 0 <= ms.min() < ms.max() < 1
+    assert set(ops.tolist()) == set(range(len(augment_ops.OPS))) and 0 <= ms.min() < ms.max() < 1
 
 
 # --- Cutout -----------------------------------------------------------------------------------
@@ -183,3 +104,86 @@ def test_split_batch_augmented_as_whole_batch(fn):
     halves = [step(rng, images[i : i + 4], jnp.int32(i)) for i in (0, 4)]  # traced offsets
     np.testing.assert_array_equal(np.concatenate(halves), whole)
     assert not np.array_equal(whole[4:], np.asarray(step(rng, images[4:], jnp.int32(0))))
+
+
+# --- Crop and flip ---------------------------------------------------------------------------
+
+
+def _numpy_augment(images, offsets, flips, pad):
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    out = np.empty_like(images)
+    height, width = images.shape[1:3]
+    for i, ((dy, dx), f) in enumerate(zip(offsets, flips, strict=True)):
+        crop = padded[i, dy : dy + height, dx : dx + width]
+        out[i] = crop[:, ::-1] if f else crop
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_augment_matches_numpy_reference(dtype):
+    rng = jax.random.key(7)
+    images = np.random.default_rng(0).integers(1, 256, (64, 6, 5, 2)).astype(dtype)
+    out = aug.crop_and_flip(rng, jnp.asarray(images), crop_padding=2)
+    offsets, flips = map(np.asarray, aug.crop_flip_params(rng, 64, 2, True))
+    assert out.dtype == dtype and out.shape == images.shape
+    assert 0 < flips.sum() < 64 and len(np.unique(offsets)) == 5  # the batch mixes decisions
+    np.testing.assert_array_equal(np.asarray(out), _numpy_augment(images, offsets, flips, 2))
+    jitted = jax.jit(aug.crop_and_flip, static_argnames=("crop_padding", "flip"))
+    np.testing.assert_array_equal(np.asarray(jitted(rng, images, crop_padding=2)), out)
+
+
+def test_augment_flip_only_and_identity():
+    images = np.random.default_rng(1).integers(0, 256, (400, 3, 4, 1), dtype=np.uint8)
+    out = np.asarray(aug.crop_and_flip(jax.random.key(0), images, crop_padding=0))
+    same = (out == images).all(axis=(1, 2, 3))
+    mirrored = (out == images[:, :, ::-1]).all(axis=(1, 2, 3))
+    assert (same ^ mirrored).all()  # random images are never symmetric
+    assert 0.43 < mirrored.mean() < 0.57
+    unchanged = aug.crop_and_flip(jax.random.key(0), images, crop_padding=0, flip=False)
+    np.testing.assert_array_equal(np.asarray(unchanged), images)
+
+
+def test_augment_offsets_uniform_from_output():
+    pad, size, n = 2, 6, 5000
+    marker = (np.arange(size * size).reshape(1, size, size, 1) + 1).astype(np.float32)
+    out = np.asarray(
+        aug.crop_and_flip(jax.random.key(3), np.repeat(marker, n, 0), crop_padding=pad, flip=False)
+    )
+    value = (
+        out[:, pad, pad, 0].astype(int) - 1
+    )  # = marker at (dy, dx): out[i, j] = img[i+dy-p, j+dx-p]
+    dy, dx = value // size, value % size
+    for offsets in (dy, dx):
+        counts = np.bincount(offsets, minlength=2 * pad + 1)
+        assert len(counts) == 2 * pad + 1
+        np.testing.assert_allclose(counts / n, 1 / (2 * pad + 1), atol=0.02)
+    assert abs(np.corrcoef(dy, dx)[0, 1]) < 0.05
+
+
+def test_augment_border_of_shifted_crop_is_zero():
+    pad, n = 4, 32
+    images = np.full((n, 8, 8, 3), 200, np.uint8)
+    rng = jax.random.key(11)
+    out = np.asarray(aug.crop_and_flip(rng, images, crop_padding=pad, flip=False))
+    offsets, _ = aug.crop_flip_params(rng, n, pad, False)
+    for img, (dy, dx) in zip(out, np.asarray(offsets), strict=True):
+        rows = np.flatnonzero(img.any(axis=(1, 2)))
+        cols = np.flatnonzero(img.any(axis=(0, 2)))
+        assert (rows[0], rows[-1]) == (max(pad - dy, 0), 7 - max(dy - pad, 0))
+        assert (cols[0], cols[-1]) == (max(pad - dx, 0), 7 - max(dx - pad, 0))
+        assert set(np.unique(img)) <= {0, 200}
+
+
+def test_preprocess_pads_before_normalizing():
+    info = datasets.dataset_info("cifar100")
+    images = jnp.full((16, 32, 32, 3), 128, jnp.uint8)
+    rng = jax.random.key(5)
+    step = jax.jit(lambda r, x: aug.preprocess(r, x, info, train=True))
+    out = np.asarray(step(rng, images))
+    expected = ip.normalize(aug.crop_and_flip(rng, images), info)
+    np.testing.assert_allclose(out, np.asarray(expected), rtol=1e-6, atol=1e-6)
+    pad_value = -np.array(info.mean) / np.array(info.std)  # a zero pixel, normalized
+    is_pad = np.isclose(out, pad_value, atol=1e-5).all(axis=-1)
+    assert is_pad.any() and not is_pad.all()
+    evaluated = aug.preprocess(None, images, info, train=False)
+    np.testing.assert_allclose(np.asarray(evaluated), np.asarray(ip.normalize(images, info)))

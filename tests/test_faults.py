@@ -324,49 +324,7 @@ def test_a_failed_write_loses_nothing(data_fashion_mnist_dir, tmp_path, monkeypa
         np.testing.assert_array_equal(a, b)
 
 
-# --- The CLI's one line, and the fault hook's own checks ------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "error, status, line",
-    [
-        (
-            FloatingPointError("[student] training loss is nan at epoch 3, step 2 of the epoch"),
-            1,
-            "error: [student] training loss is nan at epoch 3, step 2 of the epoch",
-        ),
-        (faults.Preempted(signal.SIGTERM, "interrupted by SIGTERM in ..."), 143, None),
-        (
-            OSError(errno.ENOSPC, "No space left on device", "/runs/x/teacher/3"),
-            1,
-            "error: cannot write /runs/x/teacher/3: No space left on device; free space (or fix "
-            "the permissions) and rerun the same command: it resumes from the last checkpoint",
-        ),
-    ],
-    ids=["divergence", "preempted", "full_disk"],
-)
-@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # config_flags
-def test_cli_exit_status_and_line(error, status, line, monkeypatch, capsys, tmp_path):
-    from absl import flags
-
-    from idsnn_jax import main
-
-    def run(config, workdir):
-        raise error
-
-    monkeypatch.setattr(pipeline, "run", run)
-    monkeypatch.setattr(faults, "install_stop_handlers", lambda: None)  # not in pytest
-    flags.FLAGS(["main", f"--config={REPO}/configs/tiny.py", f"--workdir={tmp_path}"])
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            main.main(["main"])
-    finally:
-        flags.FLAGS.unparse_flags()
-    if line:  # sys.exit(message): status 1, the message on stderr
-        assert exit_.value.code == line
-    else:
-        assert exit_.value.code == status
-        assert capsys.readouterr().err == f"{error}\n"
+# --- The fault hook's own checks --------------------------------------------------------------
 
 
 def test_fault_point_returns_the_stop_signal_and_checks_its_spec(monkeypatch):

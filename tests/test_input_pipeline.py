@@ -116,74 +116,6 @@ def test_eval_batches_order_and_padding_positions():
     assert masks == [[[1, 1], [1, 0]], [[1, 1], [0, 0]]]
 
 
-# --- Device-side augmentation ------------------------------------------------------------------
-
-
-def _numpy_augment(images, offsets, flips, pad):
-    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    out = np.empty_like(images)
-    height, width = images.shape[1:3]
-    for i, ((dy, dx), f) in enumerate(zip(offsets, flips, strict=True)):
-        crop = padded[i, dy : dy + height, dx : dx + width]
-        out[i] = crop[:, ::-1] if f else crop
-    return out
-
-
-@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
-def test_augment_matches_numpy_reference(dtype):
-    rng = jax.random.key(7)
-    images = np.random.default_rng(0).integers(1, 256, (64, 6, 5, 2)).astype(dtype)
-    out = ip.augment(rng, jnp.asarray(images), crop_padding=2)
-    offsets, flips = map(np.asarray, ip._augment_params(rng, 64, 2, True))
-    assert out.dtype == dtype and out.shape == images.shape
-    assert 0 < flips.sum() < 64 and len(np.unique(offsets)) == 5  # the batch mixes decisions
-    np.testing.assert_array_equal(np.asarray(out), _numpy_augment(images, offsets, flips, 2))
-    jitted = jax.jit(ip.augment, static_argnames=("crop_padding", "flip"))
-    np.testing.assert_array_equal(np.asarray(jitted(rng, images, crop_padding=2)), out)
-
-
-def test_augment_flip_only_and_identity():
-    images = np.random.default_rng(1).integers(0, 256, (400, 3, 4, 1), dtype=np.uint8)
-    out = np.asarray(ip.augment(jax.random.key(0), images, crop_padding=0))
-    same = (out == images).all(axis=(1, 2, 3))
-    mirrored = (out == images[:, :, ::-1]).all(axis=(1, 2, 3))
-    assert (same ^ mirrored).all()  # random images are never symmetric
-    assert 0.43 < mirrored.mean() < 0.57
-    unchanged = ip.augment(jax.random.key(0), images, crop_padding=0, flip=False)
-    np.testing.assert_array_equal(np.asarray(unchanged), images)
-
-
-def test_augment_offsets_uniform_from_output():
-    pad, size, n = 2, 6, 5000
-    marker = (np.arange(size * size).reshape(1, size, size, 1) + 1).astype(np.float32)
-    out = np.asarray(
-        ip.augment(jax.random.key(3), np.repeat(marker, n, 0), crop_padding=pad, flip=False)
-    )
-    value = (
-        out[:, pad, pad, 0].astype(int) - 1
-    )  # = marker at (dy, dx): out[i, j] = img[i+dy-p, j+dx-p]
-    dy, dx = value // size, value % size
-    for offsets in (dy, dx):
-        counts = np.bincount(offsets, minlength=2 * pad + 1)
-        assert len(counts) == 2 * pad + 1
-        np.testing.assert_allclose(counts / n, 1 / (2 * pad + 1), atol=0.02)
-    assert abs(np.corrcoef(dy, dx)[0, 1]) < 0.05
-
-
-def test_augment_border_of_shifted_crop_is_zero():
-    pad, n = 4, 32
-    images = np.full((n, 8, 8, 3), 200, np.uint8)
-    rng = jax.random.key(11)
-    out = np.asarray(ip.augment(rng, images, crop_padding=pad, flip=False))
-    offsets, _ = ip._augment_params(rng, n, pad, False)
-    for img, (dy, dx) in zip(out, np.asarray(offsets), strict=True):
-        rows = np.flatnonzero(img.any(axis=(1, 2)))
-        cols = np.flatnonzero(img.any(axis=(0, 2)))
-        assert (rows[0], rows[-1]) == (max(pad - dy, 0), 7 - max(dy - pad, 0))
-        assert (cols[0], cols[-1]) == (max(pad - dx, 0), 7 - max(dx - pad, 0))
-        assert set(np.unique(img)) <= {0, 200}
-
-
 def test_normalize_matches_numpy():
     info = datasets.dataset_info("cifar10")
     images = np.random.default_rng(2).integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
@@ -196,18 +128,3 @@ def test_normalize_matches_numpy():
     np.testing.assert_allclose(np.asarray(low, np.float32), expected, rtol=1e-2, atol=1e-2)
     with pytest.raises(ValueError, match="3 channels"):
         ip.normalize(jnp.zeros((1, 2, 2, 1)), info)
-
-
-def test_preprocess_pads_before_normalizing():
-    info = datasets.dataset_info("cifar100")
-    images = jnp.full((16, 32, 32, 3), 128, jnp.uint8)
-    rng = jax.random.key(5)
-    step = jax.jit(lambda r, x: ip.preprocess(r, x, info, train=True))
-    out = np.asarray(step(rng, images))
-    expected = ip.normalize(ip.augment(rng, images), info)
-    np.testing.assert_allclose(out, np.asarray(expected), rtol=1e-6, atol=1e-6)
-    pad_value = -np.array(info.mean) / np.array(info.std)  # a zero pixel, normalized
-    is_pad = np.isclose(out, pad_value, atol=1e-5).all(axis=-1)
-    assert is_pad.any() and not is_pad.all()
-    evaluated = ip.preprocess(None, images, info, train=False)
-    np.testing.assert_allclose(np.asarray(evaluated), np.asarray(ip.normalize(images, info)))

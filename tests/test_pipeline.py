@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from idsnn_jax import checkpoints, pipeline, resume, steps, train
+from idsnn_jax import checkpoints, epochs, pipeline, resume, steps, train
 from idsnn_jax.configs import tiny
 from idsnn_jax.datasets import dataset_info
 from idsnn_jax.logs import MetricLogger
@@ -253,7 +253,7 @@ def test_student_starts_from_the_best_teacher_epoch(data_fashion_mnist_dir, tmp_
     student), and it distils from that same epoch: not the last one. The teacher's test
     accuracies are scripted (0.3, 0.7, 0.5), so its best epoch is 2 of 3."""
     scripted = iter([0.3, 0.7, 0.5])
-    real_evaluate, real_fit = train.evaluate, train.fit
+    real_evaluate, real_fit = epochs.evaluate, train.fit
     fits = {}
 
     def evaluate(*args, **kwargs):
@@ -264,7 +264,7 @@ def test_student_starts_from_the_best_teacher_epoch(data_fashion_mnist_dir, tmp_
         fits[stage] = kwargs
         return real_fit(ctx, stage=stage, **kwargs)
 
-    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(epochs, "evaluate", evaluate)
     monkeypatch.setattr(train, "fit", fit)
     config = tiny_config(
         "fashion_mnist", data_fashion_mnist_dir, **{"teacher.num_epochs": 3, "checkpoint_keep": 1}

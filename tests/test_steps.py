@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from idsnn_jax import energy, input_pipeline, steps
+from idsnn_jax import augment, energy, input_pipeline, steps
 from idsnn_jax.datasets import DatasetInfo
 from idsnn_jax.losses import LossOptions, cross_entropy, idsnn_loss, objective
 from idsnn_jax.models import create_model
@@ -67,7 +67,7 @@ def _calls(mesh, batches, steps_per_call: int):
 # Every option beyond the reference recipe, on (steps.make_train_step's keyword arguments).
 MODERN = dict(
     loss=LossOptions(label_smoothing=0.1, tet_weight=0.5, kd_per_step=True),
-    augment=input_pipeline.AugmentOptions(crop_padding=1, cutout=3, auto_augment=True),
+    augment=augment.AugmentOptions(crop_padding=1, cutout=3, auto_augment=True),
     ema_decay=0.9,
 )
 
@@ -191,7 +191,7 @@ def test_distillation_step_reports_the_idsnn_loss():
     computed outside the step on the same augmented images, and differs from plain CE."""
     student, teacher = _models()
     state, batch, teacher_vars, metrics = _one_step(student, teacher, kd_alpha=0.3, kd_tau=4.0)
-    images = input_pipeline.preprocess(
+    images = augment.preprocess(
         jax.random.fold_in(state.rng, state.step), batch["image"], INFO, train=True
     )
     # The same models without the mapped BatchNorm axis, applied outside shard_map.
@@ -224,9 +224,7 @@ def test_modern_step_reports_the_objective():
         steps.replicate(state, mesh), data, indices, valid, steps.replicate(teacher_vars, mesh)
     )
     key = jax.random.fold_in(state.rng, state.step)
-    images = input_pipeline.preprocess(
-        key, batch["image"], INFO, train=True, options=MODERN["augment"]
-    )
+    images = augment.preprocess(key, batch["image"], INFO, train=True, options=MODERN["augment"])
     student_1, teacher_1 = student.clone(bn_axis_name=None), teacher.clone(bn_axis_name=None)
     logits, _ = student_1.apply(
         variables, images, train=True, per_step=True, mutable=["batch_stats"]
@@ -234,7 +232,7 @@ def test_modern_step_reports_the_objective():
     teacher_logits = teacher_1.apply(teacher_vars, images, train=False)
     expected = objective(logits, batch["label"], MODERN["loss"], teacher_logits)
     assert float(metrics["loss"][0]) == pytest.approx(float(expected), rel=1e-5)
-    plain = input_pipeline.preprocess(key, batch["image"], INFO, train=True)
+    plain = augment.preprocess(key, batch["image"], INFO, train=True)
     assert not np.allclose(images, plain)  # the augmentations really ran
 
 

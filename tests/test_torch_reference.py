@@ -16,7 +16,7 @@ import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
-from idsnn_jax import input_pipeline, optim, steps
+from idsnn_jax import augment, input_pipeline, optim, steps
 from idsnn_jax.datasets import DatasetInfo
 from idsnn_jax.losses import idsnn_loss
 from idsnn_jax.models import create_model, firing_rates
@@ -192,7 +192,7 @@ def test_sgd_step_with_distillation_matches():
         tx,
         INFO,
         teacher=teacher,
-        augment=input_pipeline.AugmentOptions(crop_padding=0, flip=False),
+        augment=augment.AugmentOptions(crop_padding=0, flip=False),
     )
     state = steps.replicate(steps.create_train_state(s_vars, tx, 0), mesh)
     batch = steps.shard_batch({"image": pixels, "label": labels.astype(np.int32)}, mesh)

@@ -82,7 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.augment.crop_padding = 4
     config.augment.flip = True
     config.augment.cutout = 0  # side of the square zeroed after normalization (pixels; 0: off)
-    config.augment.auto_augment = False  # one random op of augment.OPS per example
+    config.augment.auto_augment = False  # one random op of augment_ops.OPS per example
 
     config.checkpoint_keep = 2  # newest saved epochs kept in <workdir>/<stage> (+ the best)
     config.checkpoint_every_epochs = 1  # the last epoch and the best one are always saved
