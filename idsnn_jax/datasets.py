@@ -17,8 +17,8 @@ wrong shape, labels outside [0, num_classes), empty files, files (or IDX headers
 the official ones, refused from their declared size before reading; a data_dir with nothing
 usable is a FileNotFoundError listing every place looked at.
 
-A whole split fits in host memory (CIFAR train: 150 MB of uint8); batching and augmentation
-are in `idsnn_jax.input_pipeline`.
+A whole split fits in host memory (CIFAR train: 50,000 x 32 x 32 x 3 uint8); batching and
+augmentation are in `idsnn_jax.input_pipeline` and `idsnn_jax.augment`.
 
 Testing note (tfds 4.9.10, no TensorFlow installed): ``tfds.testing.mock_data`` does mock
 ``tfds.data_source`` (item access ``source[i]`` works; the mock's ``__getitems__`` does not,

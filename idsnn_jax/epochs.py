@@ -38,9 +38,10 @@ class Partial:
 
 
 class EpochLoop:
-    """One stage's passes over the training split, stoppable after any dispatch: a stop
-    signal (`faults.point`) saves the state there (`StageCheckpoints.save_partial`) and ends
-    the run with `faults.Preempted`."""
+    """One stage's passes over the training split (placed on the devices once, with the
+    teacher's variables), stoppable after any dispatch: a stop signal (`faults.point`) saves
+    the state there (`StageCheckpoints.save_partial`) and ends the run with
+    `faults.Preempted`. `lr`: the schedule (step -> rate), recorded per epoch."""
 
     def __init__(
         self,
@@ -48,14 +49,16 @@ class EpochLoop:
         stage: str,
         options: FitOptions,
         train_fn: steps.TrainLoop,
-        data: steps.Batch,
         teacher_variables: Any,
         ckpt: StageCheckpoints,
         inputs: dict[str, Any],
+        lr: Callable[[int], Any],
     ) -> None:
-        self.ctx, self.stage, self.options, self.ckpt = ctx, stage, options, ckpt
+        self.ctx, self.stage, self.options, self.ckpt, self.lr = ctx, stage, options, ckpt, lr
         self.inputs = inputs  # what the stage trains with, saved beside a stopped epoch
-        self.step = lambda state, idx, valid: train_fn(state, data, idx, valid, teacher_variables)
+        data = steps.device_data(ctx.train_split.images, ctx.train_split.labels, ctx.mesh)
+        teacher = steps.replicate(teacher_variables, ctx.mesh)
+        self.step = lambda state, idx, valid: train_fn(state, data, idx, valid, teacher)
 
     def run(
         self, epoch: int, state: steps.TrainState, history: list[dict], partial: Partial
@@ -92,6 +95,7 @@ class EpochLoop:
             "train_accuracy": float(np.mean([m["accuracy"] for m in fetched])),
             "images_per_sec": (num_steps - partial.steps) * options.batch_size / seconds,
             "epoch_seconds": seconds,
+            "lr": float(self.lr(epoch * num_steps)),
         }
 
     def _fetch(self, pending: list, limit: int, epoch: int, offset: int) -> list[dict]:
@@ -188,7 +192,7 @@ def test_epoch(
     if state.ema is not None:
         averaged = evaluate_on(state.replace(**state.ema), eval_fns[1])
         test |= {"ema_accuracy": averaged["accuracy"], "ema_loss": averaged["loss"]}
-    return test
+    return {f"test_{k}" if "/" not in k else k: v for k, v in test.items()}
 
 
 def evaluate(

@@ -2,7 +2,7 @@
 
 The datasets come from `idsnn_jax.datasets` as a `Split` of host NumPy arrays, each process
 holding its shards only (`train_rows`, `test_rows`). Training batches never cross the host:
-a process's uint8 training shards live on its devices (CIFAR train, one process: 150 MB),
+a process's uint8 training shards live on its devices (all of CIFAR's, on one process),
 `epoch_indices` draws each epoch's order there from `(seed, epoch)` (resuming at an epoch
 replays it), and the train loop gathers each batch inside the jitted step, where it is
 augmented (`idsnn_jax.augment`) and normalized (`normalize`).
@@ -58,6 +58,15 @@ def test_rows(num_examples: int, *, process_index: int, process_count: int) -> s
     return slice(process_index * part, min((process_index + 1) * part, num_examples))
 
 
+def _check_shards(num_shards: int, global_batch_size: int, process_count: int) -> None:
+    """ValueError unless the shards divide the global batch and split evenly over processes."""
+    if num_shards < 1 or global_batch_size % num_shards or num_shards % process_count:
+        raise ValueError(
+            f"num_shards={num_shards} must be a multiple of process_count={process_count} "
+            f"that divides global_batch_size={global_batch_size}."
+        )
+
+
 def epoch_indices(
     num_examples: int,
     global_batch_size: int,
@@ -88,11 +97,7 @@ def epoch_indices(
     (for loops of that many steps; `num_train_steps` counts the real ones).
     `sharding` places the result (e.g. each device's slice of every batch: `P(None, 'batch')`).
     """
-    if num_shards < 1 or global_batch_size % num_shards or num_shards % process_count:
-        raise ValueError(
-            f"num_shards={num_shards} must be a multiple of process_count={process_count} "
-            f"that divides global_batch_size={global_batch_size}."
-        )
+    _check_shards(num_shards, global_batch_size, process_count)
     size, per_shard = num_examples // num_shards, global_batch_size // num_shards
     steps = num_train_steps(size * num_shards, global_batch_size)
     if steps < 1:

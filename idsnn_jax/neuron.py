@@ -135,9 +135,8 @@ def lif_scan(
         potentials and spikes; smooth surrogates also keep u in float32.
       unroll: `lax.scan`'s `unroll`. True (default) unrolls the time loop: straight-line
         code that XLA fuses across steps, and no while-loop buffers that XLA:CPU holds for
-        the whole program. For the Spiking ResNet18 train step (width 1, T=4, batch 16) on a
-        2-core CPU that took 8% less CPU time and 46% less XLA temp memory than `unroll=1`,
-        and 5 s more to compile (`experiments/results/cpu_conv.json`). An int k runs k steps
+        the whole program: less CPU time and temp memory, longer compiles (figures in
+        `experiments/results/cpu_conv.json`). An int k runs k steps
         per loop iteration (less code for long T). Same spikes and gradients either way;
         `packed` ignores it (its loop is always unrolled).
 
@@ -193,7 +192,7 @@ def _lif_packed(x: jax.Array, decay: float, v_th: float, surrogate: str, width: 
     """`lif_scan(packed=True)` on float32 currents `(T, ...)`: a `jax.custom_vjp` whose
     residuals per neuron and step are, for the rect surrogate, 2 bits (s[t] and the window
     |u[t] - v_th| < a, 8 neurons per byte); for triangle / sigmoid / atan, s[t] as a bit plus
-    u[t] in float32 (their derivative needs u). The backward runs DESIGN's BPTT in reverse
+    u[t] in float32 (their derivative needs u). The backward runs BPTT in reverse
     time from them: `g_u[t] = g_s[t] sg'(u[t] - v_th) + g_u[t+1] decay (1 - s[t])`."""
     return jnp.stack([s for _, s in _lif_steps(x, decay, v_th, surrogate, width)])
 

@@ -123,44 +123,36 @@ def fit(
     options: FitOptions,
     teacher: tuple[nn.Module, dict[str, Any]] | None = None,
 ) -> FitResult:
-    """Trains `model` from `variables` for `options.num_epochs`, evaluating every epoch.
+    """Trains `model` from `variables` for `options.num_epochs`, distilling from `teacher`
+    (model, variables) when given, and evaluates every epoch.
 
-    With a `teacher` (model, variables) the loss distils from it (`steps.make_train_step`).
-    Resumes from the newest checkpoint in `<workdir>/<stage>`, an epoch's or one saved
-    midway through an epoch by a stop (same schedule, data order and RNG stream, so the
-    result equals an uninterrupted run), and returns at once when the stage already
-    finished. Raises FloatingPointError naming the step if the loss diverges (before that
-    epoch is saved), and `faults.Preempted` at a safe point after SIGTERM/SIGINT, having
-    saved there; either way a pending checkpoint save is finished first.
-    """
+    Resumes from `<workdir>/<stage>`'s newest checkpoint (an epoch's, or one a stop saved
+    mid-epoch) exactly as an uninterrupted run; returns at once when the stage finished.
+    Raises FloatingPointError naming the step on divergence (before that epoch is saved) and
+    `faults.Preempted` after SIGTERM/SIGINT, having saved; a pending save finishes first."""
     steps_per_epoch = input_pipeline.num_train_steps(ctx.train_size, options.batch_size)
     tx, schedule = optim.create_optimizer(options.optimizer, steps_per_epoch, options.num_epochs)
-    state = steps.create_train_state(
-        variables, tx, stage_seed(options.seed, stage), ema=options.ema_decay > 0
-    )
+    seed, ema = stage_seed(options.seed, stage), options.ema_decay > 0
+    state = steps.create_train_state(variables, tx, seed, ema=ema)
     ckpt = StageCheckpoints(os.path.join(ctx.workdir, stage), keep=options.checkpoint_keep)
-    inputs = {
-        "num_epochs": options.num_epochs,
-        "data": ctx.data_fingerprint,
-        "teacher": fingerprint(teacher[1]) if teacher else "",
-    }
+    teacher_model, teacher_variables = teacher or (None, {})
+    inputs = {"num_epochs": options.num_epochs, "data": ctx.data_fingerprint}
+    inputs["teacher"] = fingerprint(teacher_variables) if teacher else ""
     state, history, partial = _restore(
         ckpt, steps.replicate(state, ctx.mesh), stage, inputs, options, steps_per_epoch
     )
     if len(history) >= options.num_epochs:
         ckpt.close()
         return _finished(stage, history, state, options)
-    train_fn, eval_fns = _compile(ctx, model, tx, options, teacher[0] if teacher else None)
-    teacher_variables = steps.replicate(teacher[1] if teacher else {}, ctx.mesh)
-    data = steps.device_data(ctx.train_split.images, ctx.train_split.labels, ctx.mesh)
-    loop = epochs.EpochLoop(ctx, stage, options, train_fn, data, teacher_variables, ckpt, inputs)
+    train_fn, eval_fns = _compile(ctx, model, tx, options, teacher_model)
+    loop = epochs.EpochLoop(
+        ctx, stage, options, train_fn, teacher_variables, ckpt, inputs, schedule
+    )
     try:
         for epoch in range(len(history), options.num_epochs):
             state, record = loop.run(epoch, state, history, partial)
             partial = epochs.Partial()
-            record["lr"] = float(schedule(epoch * steps_per_epoch))
-            test = epochs.test_epoch(ctx, eval_fns, state, options, stage, epoch)
-            record.update({f"test_{k}" if "/" not in k else k: v for k, v in test.items()})
+            record |= epochs.test_epoch(ctx, eval_fns, state, options, stage, epoch)
             history.append(record)
             ctx.writer.write(stage, epoch + 1, record)
             if _should_save(history, options):

@@ -1,10 +1,10 @@
 """Independent NumPy references that the tests assert against, each written once.
 
-A test that compares idsnn_jax with a reference checks the package against the equations of
-DESIGN.md §1 only if the reference shares nothing with the package: so these are plain NumPy in
+A test that compares idsnn_jax with a reference checks the package against the method's
+equations only if the reference shares nothing with the package: so these are plain NumPy in
 float64 (loops where they read clearer), importing nothing from idsnn_jax. Keeping one copy of
-each here means a test file never grows its own slightly different LIF or BatchNorm, and a change
-of semantics is made, and reviewed, in one place.
+each here means a test file never grows its own slightly different LIF or BatchNorm, and a
+change of semantics is made, and reviewed, in one place.
 
 Layouts are the models': images and feature maps NHWC, conv kernels HWIO, Dense kernels (in, out).
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-BN_EPS = 1e-5  # DESIGN §1: tdBN / BN epsilon
+BN_EPS = 1e-5  # tdBN / BN epsilon (PyTorch's default)
 
 
 def lif_forward(x: np.ndarray, decay: float = 0.25, v_th: float = 0.5):
@@ -92,9 +92,10 @@ def log_softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def cyclic(src: np.ndarray, shape: tuple[int, ...], axes: tuple[int, ...]) -> np.ndarray:
-    """IDSNN's channel rule (DESIGN §1) as tiling: ``src`` repeated along each of ``axes``
-    until it reaches ``shape[axis]``, then cut there, so ``out[..., i, ...] = src[..., i mod n,
-    ...]``: a wider source is truncated, a narrower one tiled. Other axes must already match.
+    """IDSNN's channel rule (cyclic "loop" interpolation) as tiling: ``src`` repeated along
+    each of ``axes`` until it reaches ``shape[axis]``, then cut there, so
+    ``out[..., i, ...] = src[..., i mod n, ...]``: a wider source is truncated, a narrower one
+    tiled. Other axes must already match.
     """
     src = np.asarray(src)
     reps = [1] * src.ndim

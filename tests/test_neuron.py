@@ -1,4 +1,4 @@
-"""Tests of idsnn_jax.neuron against plain NumPy references of the DESIGN equations."""
+"""Tests of idsnn_jax.neuron against plain NumPy references of the LIF and surrogate equations."""
 
 from __future__ import annotations
 

@@ -4,10 +4,10 @@ random bad values.
 `init_snn_from_ann` is checked between random pairs of registered models (ANN -> SNN, SNN -> ANN,
 ANN -> ANN, SNN -> SNN; deeper <-> shallower; basic <-> bottleneck blocks) at random small widths
 (wider -> narrower and narrower -> wider), block maps, shortcut/head options and target dtypes,
-on real random arrays: every target leaf keeps its shape and dtype, is either the cyclic rule of
-its source leaf (computed here, `references.cyclic`, from DESIGN §1) or bit-identical to the
+on real random arrays: every target leaf keeps its shape and dtype, is either the cyclic rule
+of its source leaf (computed here, `references.cyclic`) or bit-identical to the
 target's own value, and the report names every leaf once, with its source. The expected source
-of every leaf (stem, block map, shortcut, head) is written out here from DESIGN §1, with
+of every leaf (stem, block map, shortcut, head) is written out here from the method's rule, with
 hard-coded stage depths, sharing nothing with `resnet_paths`.
 
 `plan.build_plan` is checked over random invalid values of every validated key: it raises a
@@ -35,7 +35,7 @@ from idsnn_jax.optim import SCHEDULES
 from idsnn_jax.plan import build_plan
 from idsnn_jax.transfer import init_snn_from_ann, transfer_report
 
-# Blocks per stage, written out (DESIGN §1), not read from the package.
+# Blocks per stage of the CIFAR ResNets, written out, not read from the package.
 DEPTHS = {
     "resnet18": (2, 2, 2, 2),
     "resnet34": (3, 4, 6, 3),
@@ -97,7 +97,7 @@ BOTTLENECKS = {"resnet50", "resnet101", "resnet152"}
 
 
 def _expected_source(path: str, case: dict, src_paths) -> str | None:
-    """DESIGN §1: the source path of a target leaf, or None when it keeps its own value."""
+    """The init rule: the source path of a target leaf, or None when it keeps its own value."""
     coll, top, *rest = path.split("/")
     if top == "stem":
         return path

@@ -50,7 +50,7 @@ def test_ann_snn_share_paths_and_shapes(ann, snn):
         fa = {k: v.shape for k, v in flat(va[col]).items()}
         fs = {k: v.shape for k, v in flat(vs[col]).items()}
         assert fa == fs
-    # Names of DESIGN §2.
+    # The parameter names of the CIFAR ResNet layout (stem, stage{s}/block{j}, head).
     p = flat(va["params"])
     for key in (
         "stem/conv/kernel",
