@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import pytest
 
 from idsnn_jax import plan
+from idsnn_jax.augment import AugmentOptions
 from idsnn_jax.configs import fashion_mnist_modern, tiny
-from idsnn_jax.input_pipeline import AugmentOptions
 from idsnn_jax.losses import LossOptions
 
 CONFIGS = sorted(
