@@ -36,3 +36,15 @@ def captured(inter, suffix="__call__"):
         if k[-1] == suffix:
             out["/".join(k[:-1])] = v
     return out
+
+
+def train_apply_captured(model, variables, x):
+    """(logits, state) of a train-mode forward that updates BN statistics and captures every
+    module's output (state["intermediates"])."""
+    return model.apply(
+        variables,
+        x,
+        train=True,
+        mutable=["batch_stats", "intermediates"],
+        capture_intermediates=True,
+    )

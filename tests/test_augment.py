@@ -13,27 +13,6 @@ from idsnn_jax import augment_ops, datasets
 from idsnn_jax import input_pipeline as ip
 
 H, W = 8, 10  # non-square on purpose: a swapped axis shows
-MAGNITUDES = (0.0, 0.37, 0.5, 0.81, 1.0)  # none a rounding tie of a translate or threshold
-_apply = jax.jit(augment_ops.apply_op)  # one compile per image shape: op and magnitude are traced
-
-
-def _op(image: np.ndarray, name: str, m: float) -> np.ndarray:
-    return np.asarray(_apply(image, augment_ops.OPS.index(name), m))
-
-
-def _images(channels: int) -> list[np.ndarray]:
-    """A random image, a gradient and a single bright pixel, uint8 (H, W, channels)."""
-    random = np.random.default_rng(channels).integers(0, 256, (H, W, channels), dtype=np.uint8)
-    ramp = np.add.outer(np.arange(H) * 20, np.arange(W) * 7)[..., None] + 40 * np.arange(channels)
-    pixel = np.zeros((H, W, channels), np.uint8)
-    pixel[2, 7] = 200
-    return [random, np.clip(ramp, 0, 255).astype(np.uint8), pixel]
-
-
-def _pixel(y: int, x: int, shape=(H, W, 1), value: int = 255) -> np.ndarray:
-    image = np.zeros(shape, np.uint8)
-    image[y, x] = value
-    return image
 
 
 # --- TrivialAugment-style policy ------------------------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import references as ref
 from flax import traverse_util
-from model_helpers import W, captured, flat, images, model_kwargs
+from model_helpers import W, captured, flat, images, model_kwargs, train_apply_captured
 
 from idsnn_jax.models import (
     BasicBlock,
@@ -207,13 +207,7 @@ def test_sew_block_output_is_spike_plus_shortcut():
     model = create_model("sew_resnet18", num_classes=4, width=0.125, time_steps=3)
     x = images((2, 8, 8, 3), seed=5)
     variables = model.init(jax.random.key(5), x)
-    _, state = model.apply(
-        variables,
-        x,
-        train=True,
-        mutable=["batch_stats", "intermediates"],
-        capture_intermediates=True,
-    )
+    _, state = train_apply_captured(model, variables, x)
     cap = {k: np.asarray(v[0]) for k, v in captured(state["intermediates"]).items()}
     # Identity shortcut (stage1/block0: 8 -> 8 channels, stride 1): input is the stem's spikes.
     np.testing.assert_array_equal(cap["stage1/block0"], cap["stage1/block0/act2"] + cap["stem/act"])

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import references as ref
-from model_helpers import W, captured, flat, images, model_kwargs
+from model_helpers import W, captured, flat, images, model_kwargs, train_apply_captured
 
 from idsnn_jax.models import (
     LIF,
@@ -29,13 +29,7 @@ def snn_run():
     model = create_model("spiking_resnet18", num_classes=4, width=0.125, time_steps=t)
     x = images((b, 8, 8, 3), seed=3)
     variables = model.init(jax.random.key(3), x)
-    logits, state = model.apply(
-        variables,
-        x,
-        train=True,
-        mutable=["batch_stats", "intermediates"],
-        capture_intermediates=True,
-    )
+    logits, state = train_apply_captured(model, variables, x)
     lif_paths = _lif_paths(model, variables, x)
     return dict(
         model=model,
