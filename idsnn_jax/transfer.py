@@ -177,13 +177,18 @@ def _unmappable(problems: list[tuple[str, str]]) -> ValueError:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class TransferOptions:
+    """How ``init_snn_from_ann`` maps a tree (its arguments of the same names)."""
+
+    block_map: BlockMap = "first"
+    copy_shortcut: bool = False
+    copy_head: bool = False
+    strict: bool = True
+
+
 def _plan(
-    source: Any,
-    target: Any,
-    block_map: BlockMap,
-    copy_shortcut: bool,
-    copy_head: bool,
-    strict: bool,
+    source: Any, target: Any, options: TransferOptions
 ) -> tuple[TransferReport, list[_Op | None], Any]:
     """The report, per target leaf either None (kept) or (source leaf, cyclic takes), treedef.
 
@@ -194,33 +199,27 @@ def _plan(
     src_paths, src_leaves, _ = flatten(source)
     dst_paths, dst_leaves, treedef = flatten(target)
     kind = common_kind(source, target, src_paths, dst_paths)
-    block_of = block_table(src_paths, dst_paths, kind, block_map)
+    block_of = block_table(src_paths, dst_paths, kind, options.block_map)
     src = dict(zip(src_paths, src_leaves, strict=True))
     entries, ops, problems = [], [], []
     for path, leaf in zip(dst_paths, dst_leaves, strict=True):
-        src_path, reason = source_path(path, kind, block_of, src, copy_shortcut, copy_head)
+        copy = (options.copy_shortcut, options.copy_head)
+        src_path, reason = source_path(path, kind, block_of, src, *copy)
         head = split_path(path, kind)[1][0] == "head"
         entry, op, problem = _entry(path, leaf, src_path, reason, src, head)
         entries.append(entry)
         ops.append(op)
         if problem is not None:
             problems.append((path, problem))
-    if strict and problems:
+    if options.strict and problems:
         raise _unmappable(problems)
     return TransferReport(tuple(entries)), ops, treedef
 
 
-def transfer_report(
-    params_ann: Any,
-    params_snn: Any,
-    *,
-    block_map: BlockMap = "first",
-    copy_shortcut: bool = False,
-    copy_head: bool = False,
-    strict: bool = True,
-) -> TransferReport:
-    """The report ``init_snn_from_ann`` would give, from shapes only (abstract trees work)."""
-    return _plan(params_ann, params_snn, block_map, copy_shortcut, copy_head, strict)[0]
+def transfer_report(params_ann: Any, params_snn: Any, **options: Any) -> TransferReport:
+    """The report ``init_snn_from_ann`` would give with the same `options` (the fields of
+    `TransferOptions`), from shapes only (abstract trees work)."""
+    return _plan(params_ann, params_snn, TransferOptions(**options))[0]
 
 
 def init_snn_from_ann(
@@ -258,9 +257,8 @@ def init_snn_from_ann(
     ``strict=False`` leaves that cannot be mapped. Nothing is modified in place; a copied
     leaf whose shape and dtype already match is the source's (immutable) array itself.
     """
-    report, ops, treedef = _plan(
-        params_ann, params_snn, block_map, copy_shortcut, copy_head, strict
-    )
+    options = TransferOptions(block_map, copy_shortcut, copy_head, strict)
+    report, ops, treedef = _plan(params_ann, params_snn, options)
     targets = jax.tree_util.tree_leaves(params_snn)
     leaves = [t if op is None else _map_leaf(*op, t) for op, t in zip(ops, targets, strict=True)]
     tree = jax.tree_util.tree_unflatten(treedef, leaves)
