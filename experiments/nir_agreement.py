@@ -35,11 +35,6 @@ from idsnn_jax.models import firing_rates
 from idsnn_jax.resume import load_run
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A pipeline run's directory (holding config.json).")
-flags.DEFINE_enum("stage", "student", ["student", "baseline"], "The checkpoint to export.")
-flags.DEFINE_integer("images", 1000, "How many test images (the first ones).")
-flags.DEFINE_integer("eval_batch", 250, "The model's evaluation batch (memory only).")
-flags.DEFINE_integer("torch_threads", 1, "torch's threads (2 on 2 shared cores ran 40x slower).")
 
 
 def evaluate(model, variables, images: np.ndarray, batch: int) -> tuple[np.ndarray, dict]:
@@ -106,6 +101,11 @@ def main(argv: list[str]) -> None:
     sys.stdout.flush()
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags only here, so tests can import this module beside others
+    flags.DEFINE_string("workdir", None, "A pipeline run's directory (holding config.json).")
+    flags.DEFINE_enum("stage", "student", ["student", "baseline"], "The checkpoint to export.")
+    flags.DEFINE_integer("images", 1000, "How many test images (the first ones).")
+    flags.DEFINE_integer("eval_batch", 250, "The model's evaluation batch (memory only).")
+    flags.DEFINE_integer("torch_threads", 1, "torch's threads (2 on 2 shared cores: 40x slower).")
     flags.mark_flags_as_required(["workdir"])
     app.run(main)

@@ -37,6 +37,7 @@ def _per_image(values: np.ndarray) -> np.ndarray:
 
 
 # T = 1 with v_th = 1.0: BN scales start at 1.0, as in an ANN; still a spiking network.
+@pytest.mark.slow
 @pytest.mark.parametrize("time_steps, v_th", [(T, 0.5), (1, 1.0)])
 def test_spiking_counts_equal_numpy_loops(time_steps, v_th):
     model, variables = _spiking(time_steps, v_th)

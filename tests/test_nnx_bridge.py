@@ -16,6 +16,7 @@ import re
 import jax
 import numpy as np
 import optax
+import pytest
 from flax import nnx, traverse_util
 
 from idsnn_jax.losses import cross_entropy
@@ -81,6 +82,7 @@ def _bridged(model, variables, images) -> nnx.Module:
     return bridged
 
 
+@pytest.mark.slow
 def test_readme_nnx_step_is_the_linen_step():
     ns: dict = {}
     exec(compile(_readme_block(), "README.md (NNX users)", "exec"), ns)

@@ -51,6 +51,7 @@ def test_float64_needs_64_bit_jax():
         assert {m.dtype for m in plan.build_plan(config).models.values()} == {jnp.float64}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compute", [jnp.bfloat16, jnp.float64])
 def test_state_logits_and_loss_are_wide(compute):
     """Variables, the train-mode logits (per step too), BN statistics, the loss and its

@@ -149,6 +149,7 @@ transfer_cases = st.fixed_dictionaries(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=transfer_cases)
 def test_init_snn_from_ann_is_the_cyclic_rule_for_any_pair(case):

@@ -88,6 +88,7 @@ def _run_steps(mesh, student, teacher, num_steps: int = 3, steps_per_call: int =
     return jax.device_get(state), losses
 
 
+@pytest.mark.slow
 def test_four_devices_equal_one_device():
     assert jax.device_count() == 4, "conftest sets 4 fake CPU devices"
     student, teacher = _models()
@@ -103,6 +104,7 @@ def test_four_devices_equal_one_device():
     assert max(jax.tree.leaves(moved)) > 1e-3
 
 
+@pytest.mark.slow
 def test_four_devices_equal_one_device_with_the_modern_options():
     """Label smoothing, TET, per-step KD, AutoAugment, Cutout and EMA on: still N == 1 (the
     augmentations are keyed per global example), EMA included; and the options change the
@@ -138,6 +140,7 @@ def test_ema_follows_the_recurrence():
     chex.assert_trees_all_close(jax.device_get(state.ema), want, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_steps_per_call_gives_the_same_training():
     """3 steps as one dispatch of 2 + a padded one (k=2) equal 3 dispatches of 1: the same
     losses and parameters, and the padding step leaves the state (step count) alone."""
@@ -186,6 +189,7 @@ def _one_step(student, teacher, *, kd_alpha=0.3, kd_tau=4.0):
     return before, batch, teacher_vars, jax.tree.map(lambda m: m[0], jax.device_get(metrics))
 
 
+@pytest.mark.slow
 def test_distillation_step_reports_the_idsnn_loss():
     """The step's loss equals idsnn_loss(student train-mode logits, teacher eval-mode logits)
     computed outside the step on the same augmented images, and differs from plain CE."""
@@ -205,6 +209,7 @@ def test_distillation_step_reports_the_idsnn_loss():
     assert abs(float(metrics["loss"]) - ce) > 1e-3  # the KD term is really there
 
 
+@pytest.mark.slow
 def test_modern_step_reports_the_objective():
     """With every option on, the step's loss equals `losses.objective` of the student's
     per-step train-mode logits and the teacher's eval-mode logits, computed outside the step on
@@ -248,6 +253,7 @@ def test_bfloat16_train_step_tracks_float32():
     assert losses[jnp.bfloat16] == pytest.approx(losses[jnp.float32], rel=5e-2)
 
 
+@pytest.mark.slow
 def test_eval_step_counts_operations_over_devices():
     """With count_ops, the sharded eval step's SOP and MAC sums equal `energy.counted_apply`
     on the whole batch (padding masked), and the totals are the per-layer sums."""

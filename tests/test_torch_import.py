@@ -102,6 +102,7 @@ def _flax_logits(variables, images):
     return np.asarray(model.apply(variables, jnp.asarray(images), train=False))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout, suffix", [("reference", ".pt"), ("torchvision", ".safetensors")])
 def test_imported_teacher_gives_pytorch_logits(tmp_path, layout, suffix):
     teacher = _trained_torch_teacher()
@@ -136,6 +137,7 @@ def _target(num_classes=10, width=0.0625):
     )
 
 
+@pytest.mark.slow
 def test_mismatched_shape_names_the_key_and_both_shapes():
     state = _trained_torch_teacher().state_dict()
     with pytest.raises(ValueError) as err:
@@ -163,6 +165,7 @@ def test_missing_and_unknown_keys_are_named():
         torch_import.from_torch_state_dict({"w": np.zeros(2)}, _target())
 
 
+@pytest.mark.slow
 def test_pipeline_takes_a_pytorch_teacher(data_fashion_mnist_dir, tmp_path):
     """`config.teacher.checkpoint=<file>.pth`: no teacher stage; the student is initialized
     from the PyTorch weights (same width: its stem kernel is PyTorch's, transposed)."""

@@ -64,6 +64,7 @@ MODERN = dict(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modern", [False, True], ids=["reference", "modern"])
 def test_resume_after_crash_equals_uninterrupted_run(data_fashion_mnist_dir, tmp_path, modern):
     options = MODERN if modern else {"optimizer": optim.OptimizerOptions(lr_milestones=(1,))}
@@ -113,6 +114,7 @@ def test_ema_weights_are_evaluated_without_counting_operations(
     assert record["test_energy_uj"] > 0 and 0 <= record["test_ema_accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_best_checkpoint_lies_on_the_final_trajectory(
     data_fashion_mnist_dir, tmp_path, monkeypatch
 ):
@@ -155,6 +157,7 @@ def _fit_student(ctx, epochs: int, teacher_seed: int):
     )
 
 
+@pytest.mark.slow
 def test_resume_refuses_what_would_not_be_exact(data_fashion_mnist_dir, tmp_path):
     """A stage resumes only with the inputs its checkpoints were trained with: more epochs
     under a cosine schedule (the rate of the trained steps would change) is refused, more
