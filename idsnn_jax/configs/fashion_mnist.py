@@ -17,12 +17,13 @@ from idsnn_jax.configs import default
 def get_config():
     config = default.get_config()
     config.dataset = "fashion_mnist"
-    config.max_train_examples = 10000
+    config.max_train_examples = None  # the teacher: all 60,000 training images
     config.teacher.width = 0.125
-    config.teacher.num_epochs = 3
+    config.teacher.num_epochs = 1
+    config.student.max_train_examples = 10000  # the students (and the baseline): the first 10,000
     config.student.width = 0.125
-    config.student.num_epochs = 3
-    config.optimizer.lr_milestones = (2,)
+    config.student.num_epochs = 2
+    config.optimizer.lr_milestones = (1,)
     config.augment.flip = False
     config.compare_baseline = True
     return config
