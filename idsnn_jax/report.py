@@ -135,10 +135,11 @@ def next_steps(config: ml_collections.ConfigDict, workdir: str) -> str:
     ]
     if config.dataset == "fashion_mnist":
         lines += [
-            "next, the paper's runs on a GPU (CIFAR data: README 'CIFAR'):",
+            "next, the paper's runs on a GPU (data: README, 'CIFAR: the paper's experiments'):",
             "  python -m idsnn_jax.main --config=configs/cifar100.py --workdir=runs/c100_t4",
             "  python -m idsnn_jax.main --config=configs/cifar10.py --workdir=runs/c10_t4",
-            "  the ablation over seeds: python experiments/paper_study.py "
-            "--config=configs/cifar100.py --root=runs/c100_study --seeds=0,1,2",
+            "  python experiments/paper_study.py --config=configs/cifar100.py "
+            "--root=runs/c100_study --config.student.time_steps=6 --seeds=0,1,2 "
+            "--schedules=20:60,10:20   # the ablation and convergence study",
         ]
     return "\n".join(lines)
