@@ -23,7 +23,7 @@ def get_config():
     config.student.max_train_examples = 10000  # the students (and the baseline): the first 10,000
     config.student.width = 0.125
     config.student.num_epochs = 2
-    config.optimizer.lr_milestones = (1,)
+    config.optimizer.schedule = "cosine"  # to 0 at each stage's last step
     config.augment.flip = False
     config.compare_baseline = True
     return config
