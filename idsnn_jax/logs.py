@@ -151,7 +151,7 @@ def progress(items: Iterable[Any], *, total: int, desc: str, images_per_item: in
     a pipe) a plain line at each quarter of a run of at least `PLAIN_MIN_ITEMS` items."""
     first, tty = jax.process_index() == 0, sys.stderr.isatty()
     if first and not tty:
-        items = _plain_progress(items, total, desc, images_per_item)
+        items = _plain_progress(items, total, desc)
     return tqdm(  # disabled, it still takes set_postfix
         items,
         total=total,
@@ -167,15 +167,15 @@ def progress(items: Iterable[Any], *, total: int, desc: str, images_per_item: in
 PLAIN_MIN_ITEMS = 8
 
 
-def _plain_progress(
-    items: Iterable[Any], total: int, desc: str, images_per_item: int
-) -> Iterator[Any]:
+def _plain_progress(items: Iterable[Any], total: int, desc: str) -> Iterator[Any]:
+    # Elapsed time, not a rate: steps run asynchronously, so a rate here would count steps
+    # dispatched, not done (the epoch's line has the measured one).
     marks = {total * q // 4: q for q in (1, 2, 3)} if total >= PLAIN_MIN_ITEMS else {}
     start = time.perf_counter()
     for done, item in enumerate(items, 1):
         yield item
         if done in marks:
-            rate = done * images_per_item / (time.perf_counter() - start)
+            seconds = time.perf_counter() - start
             logger.info(
-                "[%s] %d%% (%d of %d), %.0f img/s", desc, 25 * marks[done], done, total, rate
+                "[%s] %d%% (%d of %d), %.0f s", desc, 25 * marks[done], done, total, seconds
             )
