@@ -55,11 +55,9 @@ demo() {
   prepare_data || exit 1
   prepare_env
   say "training the embedded default (configs/fashion_mnist.py) in $WORKDIR"
+  # Ends with the table of what each stage reached, the plots' paths and the next commands.
   .venv/bin/python -m idsnn_jax.main --config=configs/fashion_mnist.py --workdir="$WORKDIR" \
     ${FASHION_MNIST_DIR:+--config.data_dir="$FASHION_MNIST_DIR"}
-  echo
-  .venv/bin/python experiments/summarize.py "$WORKDIR"
-  say "plots: $WORKDIR/curves.png $WORKDIR/firing_rates.png"
 }
 
 run_tests() {

@@ -65,8 +65,7 @@ class MetricLogger:
         for key, value in metrics.items():
             writer.add_scalar(key, value, epoch)
         writer.flush()
-        shown = {k: v for k, v in metrics.items() if "/" not in k}  # per-layer values: files
-        logger.info("[%s] epoch %d: %s", stage, epoch, _format(shown))
+        logger.info("%s", epoch_line(stage, epoch, metrics))
 
     def _writer(self, stage: str) -> Any:
         if stage not in self._writers:
@@ -118,22 +117,65 @@ def epochs_by_stage(records: list[dict[str, Any]]) -> dict[str, list[dict[str, A
     return {stage: [by_epoch[e] for e in sorted(by_epoch)] for stage, by_epoch in stages.items()}
 
 
-def _format(metrics: dict[str, float]) -> str:
-    return ", ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
-    )
+# What the console shows of an epoch's record, in this order (the rest is in the files).
+_SHOWN = (
+    ("test_accuracy", "test top-1 {:.2%}"),
+    ("test_ema_accuracy", "EMA {:.2%}"),
+    ("train_accuracy", "train {:.2%}"),
+    ("train_loss", "train loss {:.3f}"),
+    ("lr", "lr {:.3g}"),
+    ("firing_rate/", "firing {:.1%}"),  # the mean over layers
+    ("test_energy_uj", "{:.3g} uJ/image"),
+    ("images_per_sec", "{:.0f} img/s"),
+    ("epoch_seconds", "{:.0f} s"),
+)
+
+
+def epoch_line(stage: str, epoch: int, metrics: dict[str, Any]) -> str:
+    """The console's line for `stage`'s `epoch` (1-based): test and train top-1, loss, lr,
+    the mean firing rate over layers, energy per test image, throughput, seconds."""
+    parts = []
+    for key, fmt in _SHOWN:
+        if key.endswith("/"):
+            values = [v for k, v in metrics.items() if k.startswith(key)]
+            value = sum(values) / len(values) if values else None
+        else:
+            value = metrics.get(key)
+        if value is not None:
+            parts.append(fmt.format(value))
+    return f"[{stage}] epoch {epoch}: {', '.join(parts)}"
 
 
 def progress(items: Iterable[Any], *, total: int, desc: str, images_per_item: int) -> Iterator[Any]:
-    """`items` with a progress bar in images/s on a TTY (process 0); silent otherwise."""
-    quiet = not sys.stderr.isatty() or jax.process_index() != 0
-    return tqdm(
+    """`items` with a progress bar in images/s on a TTY (process 0); elsewhere (a log file,
+    a pipe) a plain line at each quarter of a run of at least `PLAIN_MIN_ITEMS` items."""
+    first, tty = jax.process_index() == 0, sys.stderr.isatty()
+    if first and not tty:
+        items = _plain_progress(items, total, desc)
+    return tqdm(  # disabled, it still takes set_postfix
         items,
         total=total,
         desc=desc,
         unit="img",
         unit_scale=images_per_item,
-        disable=quiet,
+        disable=not (first and tty),
         leave=False,
         dynamic_ncols=True,
     )
+
+
+PLAIN_MIN_ITEMS = 8
+
+
+def _plain_progress(items: Iterable[Any], total: int, desc: str) -> Iterator[Any]:
+    # Elapsed time, not a rate: steps run asynchronously, so a rate here would count steps
+    # dispatched, not done (the epoch's line has the measured one).
+    marks = {total * q // 4: q for q in (1, 2, 3)} if total >= PLAIN_MIN_ITEMS else {}
+    start = time.perf_counter()
+    for done, item in enumerate(items, 1):
+        yield item
+        if done in marks:
+            seconds = time.perf_counter() - start
+            logger.info(
+                "[%s] %d%% (%d of %d), %.0f s", desc, 25 * marks[done], done, total, seconds
+            )

@@ -40,7 +40,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     import jax  # after flags parsing, so --help is fast
 
-    from idsnn_jax import distributed, faults, pipeline
+    from idsnn_jax import distributed, faults, pipeline, report
 
     logging.set_verbosity(logging.WARNING)  # orbax and JAX are chatty at INFO
     if _CONFIG.value.dtype == "float64":  # before any array exists
@@ -52,9 +52,9 @@ def main(argv: list[str]) -> None:
             process_id=_PROCESS_ID.value,
         )
         faults.install_stop_handlers()  # after: with several processes SIGTERM is JAX's
+        pipeline.run(_CONFIG.value, _WORKDIR.value)  # logs the key settings and the results
         if jax.process_index() == 0:
-            print(f"config:\n{_CONFIG.value}", flush=True)
-        pipeline.run(_CONFIG.value, _WORKDIR.value)
+            print(report.next_steps(_CONFIG.value, _WORKDIR.value), flush=True)
     except faults.Preempted as stop:
         print(stop, file=sys.stderr, flush=True)
         sys.exit(128 + stop.signum)

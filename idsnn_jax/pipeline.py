@@ -17,7 +17,6 @@ lower the learning rate (`resume.RESUME_AFTER_DIVERGENCE`).
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import time
@@ -28,7 +27,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from idsnn_jax import faults, files, input_pipeline, steps, torch_import, train
+from idsnn_jax import faults, files, input_pipeline, report, steps, torch_import, train
 from idsnn_jax.checkpoints import (
     fingerprint,
     has_checkpoint,
@@ -37,7 +36,7 @@ from idsnn_jax.checkpoints import (
     saved_shapes,
 )
 from idsnn_jax.datasets import Split, load_split
-from idsnn_jax.logs import MetricLogger, logger, setup_logging
+from idsnn_jax.logs import MetricLogger, logger, read_records, setup_logging
 from idsnn_jax.plan import RunPlan, build_plan, data_shards
 from idsnn_jax.resume import CONFIG_FILE, DIVERGED_FILE, check_workdir, write_config
 from idsnn_jax.transfer import init_snn_from_ann
@@ -63,7 +62,7 @@ def train_teacher(
         logger.info("[teacher] loaded from %s", config.teacher.checkpoint)
         return variables, None
     result = train.fit(
-        ctx,
+        ctx.for_role("teacher"),
         stage="teacher",
         model=plan.models["teacher"],
         variables=steps.init_variables(plan.models["teacher"], plan.info, config.seed),
@@ -166,7 +165,7 @@ def _student(
             raise faults.stopped(signum, stage, "after the transfer", "restart the stage")
     teacher = (plan.models["teacher"], teacher_variables) if distill else None
     return train.fit(
-        ctx,
+        ctx.for_role("student"),
         stage=stage,
         model=model,
         variables=variables,
@@ -186,6 +185,7 @@ def create_context(
     if jax.process_index():
         logger.setLevel(logging.WARNING)
     plan = build_plan(config)
+    logger.info("%s", report.config_line(config, workdir))
     check_workdir(config, workdir)
     if plan.needs_teacher and config.teacher.checkpoint:
         check_teacher_checkpoint(config, plan)
@@ -196,29 +196,40 @@ def create_context(
         "train": functools.partial(input_pipeline.train_rows, num_shards=shards, **where),
         "test": functools.partial(input_pipeline.test_rows, **where),
     }
-    train_split, test_split = (
-        load_split(
-            config.dataset,
-            split,
-            config.data_dir,
-            max_examples=config[f"max_{split}_examples"],
-            rows=rows[split],
-        )
-        for split in ("train", "test")
+    # One training split per distinct stage budget (the first n examples, then sharded),
+    # the student's first: a stage trains on exactly what a run of that global budget would.
+    budgets = plan.train_examples or {"student": config.max_train_examples}
+    loaded = {
+        n: load_split(config.dataset, "train", config.data_dir, max_examples=n, rows=rows["train"])
+        for n in dict.fromkeys(budgets.values())
+    }
+    loaded = {n: (split, _data_fingerprint(split)) for n, split in loaded.items()}
+    role_data = {role: loaded[n] for role, n in budgets.items()}
+    test_split = load_split(
+        config.dataset,
+        "test",
+        config.data_dir,
+        max_examples=config.max_test_examples,
+        rows=rows["test"],
     )
     # A collective, so also a barrier: every process has checked the workdir before process 0
     # rewrites its config.json (and removes a DIVERGED_FILE).
     test_size = int(np.sum(multihost_utils.process_allgather(np.int32(len(test_split)))))
+    sizes = {role: len(split) * processes for role, (split, _) in role_data.items()}
+    train_text = f"{sizes['student']} train"
+    if len(set(sizes.values())) > 1:
+        train_text = f"{sizes['teacher']} train for the teacher, {sizes['student']} for students"
     logger.info(
-        "%s: %d train (%d shard(s)) / %d test examples on %d device(s), %d process(es)",
+        "%s: %s (%d shard(s)) / %d test examples on %d device(s), %d process(es)",
         config.dataset,
-        len(train_split) * processes,
+        train_text,
         shards,
         test_size,
         jax.device_count(),
         processes,
     )
     write_config(config, workdir)
+    train_split, data_fingerprint = role_data["student"]
     ctx = train.RunContext(
         workdir,
         train_split,
@@ -228,7 +239,8 @@ def create_context(
         MetricLogger(workdir),
         data_shards=shards,
         test_size=test_size,
-        data_fingerprint=_data_fingerprint(train_split),
+        data_fingerprint=data_fingerprint,
+        role_data=role_data,
     )
     return ctx, plan
 
@@ -277,5 +289,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     summary["wall_seconds"] = time.time() - start
     if jax.process_index() == 0:
         files.write_json(os.path.join(workdir, "summary.json"), summary)
-    logger.info("summary: %s", json.dumps(summary))
+        rows = report.stage_rows(read_records(workdir))
+        logger.info("summary: what each stage reached\n%s", report.format_rows(rows))
     return summary

@@ -44,6 +44,9 @@ class RunPlan:
     abstract_variables: dict[str, Any]  # role -> ShapeDtypeStruct tree
     fit_options: dict[str, FitOptions]  # role -> how that stage trains
     needs_teacher: bool
+    # role -> the first that many training examples it trains on (None: all), for each role
+    # in fit_options (the baseline is a student stage)
+    train_examples: dict[str, int | None] = dataclasses.field(default_factory=dict)
 
 
 def get(config: ml_collections.ConfigDict, key: str) -> Any:
@@ -57,6 +60,13 @@ def get(config: ml_collections.ConfigDict, key: str) -> Any:
 def data_shards(config: ml_collections.ConfigDict) -> int:
     """The training split's shard count: `config.data_shards`, 0 meaning one per process."""
     return config.data_shards or jax.process_count()
+
+
+def train_examples(config: ml_collections.ConfigDict, role: str) -> int | None:
+    """The training budget of stage `role`: `config.<role>.max_train_examples`, or the global
+    `config.max_train_examples` when that is None (None: the whole training split)."""
+    own = config[role].max_train_examples
+    return config.max_train_examples if own is None else own
 
 
 def check(config: ml_collections.ConfigDict, key: str, ok: bool, expected: str) -> None:
@@ -163,9 +173,11 @@ def _check_rules(config: ml_collections.ConfigDict, needs_teacher: bool) -> None
         value = get(config, key)
         ok = is_int(value) and value >= 1 and value % devices == 0
         check(config, key, ok, f"a positive multiple of the {devices} devices")
-    n_train, n_test = config.max_train_examples, config.max_test_examples
-    ok = n_train is None or (is_int(n_train) and n_train >= config.batch_size)
-    check(config, "max_train_examples", ok, "None or an integer >= batch_size")
+    for key in ("max_train_examples", *(f"{role}.max_train_examples" for role in ROLES)):
+        n_train = get(config, key)
+        ok = n_train is None or (is_int(n_train) and n_train >= config.batch_size)
+        check(config, key, ok, "None or an integer >= batch_size")
+    n_test = config.max_test_examples
     ok = n_test is None or (is_int(n_test) and n_test >= 1)
     check(config, "max_test_examples", ok, "None or an integer >= 1")
     processes = jax.process_count()
@@ -207,4 +219,5 @@ def build_plan(config: ml_collections.ConfigDict) -> RunPlan:
             params_ann=abstract["teacher"],
             params_snn=abstract["student"],
         )
-    return RunPlan(info, models, abstract, fit_options, needs_teacher)
+    budgets = {role: train_examples(config, role) for role in fit_options}
+    return RunPlan(info, models, abstract, fit_options, needs_teacher, budgets)

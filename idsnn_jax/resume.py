@@ -4,7 +4,7 @@ Every run writes `<workdir>/config.json` (`write_config`); a rerun in that workd
 the same config (`check_workdir`) except for what a resume may change (`RESUME_FREE`,
 `RESUME_GROW`, and `RESUME_AFTER_DIVERGENCE` after a run that stopped on a non-finite loss
 and left `DIVERGED_FILE`). Keys newer than a workdir's record count with the value runs had
-before them (`ADDED_KEYS`).
+before them (`ADDED_KEYS`, `ADDED_FROM`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from idsnn_jax import files
 from idsnn_jax.checkpoints import has_checkpoint, load_variables
 from idsnn_jax.datasets import dataset_info
 from idsnn_jax.logs import logger
-from idsnn_jax.plan import build_model, data_shards, flatten
+from idsnn_jax.plan import ROLES, build_model, data_shards, flatten, train_examples
 from idsnn_jax.precision import compute_dtype
 
 CONFIG_FILE = "config.json"
@@ -68,14 +68,23 @@ ADDED_KEYS = {
     "student.remat": False,
     "student.pack_spikes": False,
 }
+# Per-stage keys that, absent from an older record, had the value of a global key then.
+ADDED_FROM = {
+    "teacher.max_train_examples": "max_train_examples",
+    "student.max_train_examples": "max_train_examples",
+}
 
 
 def config_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """`config` as the JSON-able nested dict `<workdir>/config.json` holds (tuples as lists),
-    `data_shards=0` as the process count (the data order) and `dtype='auto'` as the dtype it
-    resolves to here (a resume on another backend must not change it)."""
+    `data_shards=0` as the process count (the data order), each stage's
+    `max_train_examples` as the budget it trains with (`plan.train_examples`) and
+    `dtype='auto'` as the dtype it resolves to here (a resume on another backend must not
+    change it)."""
     record = json.loads(config.to_json_best_effort())
     record["data_shards"] = data_shards(config)
+    for role in ROLES:
+        record[role]["max_train_examples"] = train_examples(config, role)
     record["dtype"] = jnp.dtype(compute_dtype(config.dtype)).name
     return record
 
@@ -101,6 +110,8 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
         return
     what = "it records the run's config: restore it, or delete it to resume without the check"
     old = ADDED_KEYS | flatten(files.read_json(path, what))
+    for key, source in ADDED_FROM.items():
+        old.setdefault(key, old.get(source))
     new = flatten(config_record(config))
     if old.get("dtype") == "auto":  # recorded before the resolved dtype was
         old["dtype"] = new["dtype"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -80,11 +80,21 @@ class RunContext:
     data_shards: int = 1  # the training split's shards, in all processes together
     test_size: int | None = None  # the whole test split's; None: test_split is all of it
     data_fingerprint: str = ""  # of the whole training split (`checkpoints.fingerprint`)
+    # Stage role ('teacher', 'student') -> (its training split, its fingerprint), for roles
+    # whose budget differs from `train_split`'s (`plan.train_examples`); see `for_role`.
+    role_data: Mapping[str, tuple[Split, str]] = dataclasses.field(default_factory=dict)
 
     @property
     def train_size(self) -> int:
         """The examples of all training shards (every process holds as many)."""
         return len(self.train_split) * jax.process_count()
+
+    def for_role(self, role: str) -> RunContext:
+        """This context with the training split (and its fingerprint) of stage `role`."""
+        if role not in self.role_data:
+            return self
+        split, data_fingerprint = self.role_data[role]
+        return dataclasses.replace(self, train_split=split, data_fingerprint=data_fingerprint)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from idsnn_jax.logs import MetricLogger, progress, read_records
+from idsnn_jax.logs import MetricLogger, epoch_line, progress, read_records
 
 
 def test_metric_logger_writes_jsonl_and_tensorboard(tmp_path):
@@ -25,9 +25,39 @@ def test_metric_logger_writes_jsonl_and_tensorboard(tmp_path):
         assert events and events[0].stat().st_size > 0
 
 
-def test_progress_is_silent_off_a_tty(capsys):
+def test_progress_is_plain_lines_off_a_tty(capsys, log_lines):
+    """No bar off a TTY (pytest captures stderr): a line at each quarter of a long epoch."""
     assert list(progress(range(3), total=3, desc="x", images_per_item=8)) == [0, 1, 2]
-    assert capsys.readouterr().err == ""  # pytest captures stderr: not a TTY
+    assert capsys.readouterr().err == "" and log_lines == []
+    assert list(progress(range(12), total=12, desc="s epoch 1", images_per_item=8)) == list(
+        range(12)
+    )
+    assert capsys.readouterr().err == ""
+    assert [line.split(",")[0] for line in log_lines] == [
+        "[s epoch 1] 25% (3 of 12)",
+        "[s epoch 1] 50% (6 of 12)",
+        "[s epoch 1] 75% (9 of 12)",
+    ]
+
+
+def test_epoch_line_shows_the_key_figures_only():
+    metrics = {
+        "train_loss": 0.5,
+        "train_accuracy": 0.8,
+        "images_per_sec": 123.4,
+        "epoch_seconds": 81.2,
+        "lr": 0.05,
+        "test_accuracy": 0.8168,
+        "test_loss": 0.5,
+        "test_macs": 1e5,
+        "firing_rate/a": 0.1,
+        "firing_rate/b": 0.3,
+        "test_energy_uj": 6.695,
+    }
+    assert epoch_line("student", 2, metrics) == (
+        "[student] epoch 2: test top-1 81.68%, train 80.00%, train loss 0.500, lr 0.05, "
+        "firing 20.0%, 6.7 uJ/image, 123 img/s, 81 s"
+    )
 
 
 def test_a_line_cut_short_by_a_crash_does_not_wedge_the_log(tmp_path, log_lines):

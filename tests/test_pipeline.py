@@ -160,6 +160,8 @@ def test_pipeline_on_idx_with_teacher_reuse(data_fashion_mnist_dir, tmp_path):
         ("optimizer.lr_milestones", (120, 60)),
         ("optimizer.momentum", 1.5),
         ("max_train_examples", 4),  # longer than one batch
+        ("teacher.max_train_examples", 4),
+        ("student.max_train_examples", 0),
         ("dtype", "float16"),
         ("checkpoint_every_epochs", 0),
         ("teacher.num_epochs", 0),

@@ -86,3 +86,34 @@ def test_modern_options_reach_the_fit_options():
     assert student.augment == AugmentOptions(flip=False, cutout=8, auto_augment=True)
     optimizer = student.optimizer
     assert (optimizer.schedule, optimizer.warmup_epochs, student.ema_decay) == ("cosine", 1, 0.99)
+
+
+@pytest.mark.parametrize(
+    "key", ["max_train_examples", "teacher.max_train_examples", "student.max_train_examples"]
+)
+@pytest.mark.parametrize("value", [8, 0, -1])  # 8: fewer than one batch (batch_size=16)
+def test_training_budgets_are_checked_naming_the_key(key, value):
+    config = tiny.get_config()
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+        node = node[name]
+    node[leaf] = value
+    with pytest.raises(ValueError) as err:
+        plan.build_plan(config)
+    expected = f"config.{key}={value!r} is invalid: expected None or an integer >= batch_size"
+    assert str(err.value) == expected
+
+
+def test_each_stage_has_its_own_budget_or_the_global_one():
+    """None inherits `max_train_examples` (None: all); the baseline is a student stage, a
+    run without a teacher to train has the student's budget only."""
+    config = tiny.get_config()
+    config.max_train_examples, config.student.max_train_examples = 48, 32
+    assert plan.build_plan(config).train_examples == {"student": 32, "teacher": 48}
+    config.max_train_examples, config.teacher.max_train_examples = None, 16
+    assert plan.build_plan(config).train_examples == {"student": 32, "teacher": 16}
+    config.student.max_train_examples = None
+    assert plan.build_plan(config).train_examples == {"student": None, "teacher": 16}
+    config.init_from_teacher = config.distill = False
+    assert plan.build_plan(config).train_examples == {"student": None}

@@ -79,3 +79,21 @@ def test_record_is_rewritten_only_when_it_changes(tmp_path):
     config.log_every_steps = 9
     resume.write_config(config, str(tmp_path))
     assert json.loads(path.read_text())["log_every_steps"] == 9
+
+
+def test_stage_budgets_are_recorded_resolved_and_older_records_read_the_global_one(tmp_path):
+    """config.json records the budget each stage trains with; a record from before the
+    per-stage keys (one global budget) resumes with it and refuses another student budget."""
+    config = tiny.get_config()
+    config.max_train_examples, config.student.max_train_examples = 48, None
+    record = resume.config_record(config)
+    assert record["teacher"]["max_train_examples"] == record["student"]["max_train_examples"] == 48
+    for role in ("teacher", "student"):
+        del record[role]["max_train_examples"]
+    _started(tmp_path, record)
+    resume.check_workdir(config, str(tmp_path))
+    config.student.max_train_examples = 32
+    with pytest.raises(
+        ValueError, match=r"refusing to resume it: student\.max_train_examples: 48 -> 32\. "
+    ):
+        resume.check_workdir(config, str(tmp_path))

@@ -24,7 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
     # processes equals one on 1 process with data_shards=P (README "Many processes, many
     # hosts"); 1 is the order of runs before shards existed.
     config.data_shards = 0
-    config.max_train_examples = ml_collections.config_dict.placeholder(int)  # None: all
+    # None: all. teacher.max_train_examples and student.max_train_examples override it per stage.
+    config.max_train_examples = ml_collections.config_dict.placeholder(int)
     config.max_test_examples = ml_collections.config_dict.placeholder(int)
     # Compute dtype: "auto" is bfloat16 on GPU/TPU and float32 on CPU; parameters, BatchNorm
     # statistics and membrane potentials stay float32. "float32" everywhere is the reference.
@@ -35,12 +36,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.teacher.width = 1.0
     config.teacher.num_epochs = 200
     config.teacher.checkpoint = ""  # a trained teacher to reuse instead of stage 1
+    # Each stage's training budget: the first that many training examples. None: the global
+    # max_train_examples. So a teacher may see all the data while the students see a subset
+    # (the baseline is a student stage: it has the students' budget).
+    config.teacher.max_train_examples = ml_collections.config_dict.placeholder(int)
 
     config.student = ml_collections.ConfigDict()
     config.student.model = "spiking_resnet18"
     config.student.width = 1.0
     config.student.time_steps = 4
     config.student.num_epochs = 200
+    config.student.max_train_examples = ml_collections.config_dict.placeholder(int)
     config.student.stem_padding = 1  # 3 reproduces the reference SNN stem (36x36 maps)
     # Memory-saving BPTT, exact gradients (README "Training memory"): recompute each block in
     # the backward pass; keep what the backward needs of spikes as bits, not float32.

@@ -13,6 +13,7 @@ from idsnn_jax.configs import fashion_mnist
 def get_config():
     config = fashion_mnist.get_config()
     config.max_train_examples = 64
+    config.student.max_train_examples = None  # the global 64, as the teacher's
     config.max_test_examples = 32
     config.batch_size = 16
     config.eval_batch_size = 16
