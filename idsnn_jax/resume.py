@@ -66,6 +66,8 @@ ADDED_KEYS = {
     "augment.auto_augment": False,
     "student.remat": False,
     "student.pack_spikes": False,
+    "student.gradient": "bptt",
+    "student.sltt_k": None,
 }
 
 

@@ -86,3 +86,34 @@ def test_modern_options_reach_the_fit_options():
     assert student.augment == AugmentOptions(flip=False, cutout=8, auto_augment=True)
     optimizer = student.optimizer
     assert (optimizer.schedule, optimizer.warmup_epochs, student.ema_decay) == ("cosine", 1, 0.99)
+
+
+def test_gradient_options_reach_the_student_and_bad_ones_name_their_key():
+    """`student.gradient` / `student.sltt_k` land in the student's options only; refused
+    values and combinations fail in one line naming the key."""
+    config = tiny.get_config()
+    config.student.time_steps = 4
+    config.student.gradient, config.student.sltt_k = "sltt", 2
+    built = plan.build_plan(config)
+    assert (built.fit_options["student"].gradient, built.fit_options["student"].sltt_k) == (
+        "sltt",
+        2,
+    )
+    assert built.fit_options["teacher"].gradient == "bptt"
+    cases = [
+        ({"gradient": "ottt", "sltt_k": None}, "config.student.gradient='ottt' is invalid"),
+        ({"sltt_k": 0}, "config.student.sltt_k=0 is invalid: expected None (all time steps)"),
+        ({"sltt_k": 5}, "config.student.sltt_k=5 is invalid: expected None or at most"),
+        ({"gradient": "bptt", "sltt_k": 2}, "config.student.sltt_k=2 is invalid: expected None"),
+        ({"sltt_k": None, "remat": True}, "config.student.remat=True is invalid: expected False"),
+    ]
+    for changes, message in cases:
+        bad = tiny.get_config()
+        bad.student.time_steps = 4
+        bad.student.gradient = "sltt"
+        for key, value in changes.items():
+            bad.student[key] = value
+        with pytest.raises(ValueError) as err:
+            plan.build_plan(bad)
+        assert str(err.value).startswith(message), str(err.value)
+        assert "\n" not in str(err.value)

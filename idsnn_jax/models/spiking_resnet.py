@@ -22,10 +22,13 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from idsnn_jax.models.resnet import BasicBlock, Bottleneck, ResNet, torch_default_init
-from idsnn_jax.neuron import check_neuron_args, lif_scan, pack_bits, unpack_bits
+from idsnn_jax.neuron import check_neuron_args, lif_scan, pack_bits, spike, unpack_bits
 from idsnn_jax.precision import wide
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+# The collection of each LIF's membrane potential between time steps when the network runs
+# one step at a time (`LIF.one_step`, used by `sltt`).
+MEMBRANE = "membrane"
 
 
 def _conv(x: jax.Array, kernel: jax.Array, strides: int, padding: int) -> jax.Array:
@@ -138,7 +141,8 @@ class LIF(nn.Module):
 
     Sows the layer's firing rate per example, `(B,)` (spikes per neuron per time step),
     into the `intermediates` collection when that collection is mutable; per example so
-    that evaluation can mask padded examples exactly.
+    that evaluation can mask padded examples exactly. When the `membrane` collection is
+    mutable it runs one time step instead (`one_step`, input `(B, ...)`).
     """
 
     emits_spikes: ClassVar[bool] = True  # see `ResNet.spiking`
@@ -151,6 +155,8 @@ class LIF(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.is_mutable_collection(MEMBRANE):
+            return self.one_step(x)
         currents = x.reshape((self.time_steps, -1, *x.shape[1:]))
         spikes = lif_scan(
             currents,
@@ -163,6 +169,18 @@ class LIF(nn.Module):
         per_example = wide(spikes.reshape((self.time_steps, currents.shape[1], -1)))
         self.sow("intermediates", "firing_rate", jnp.mean(per_example, axis=(0, 2)))
         return spikes.reshape(x.shape)
+
+    def one_step(self, x: jax.Array) -> jax.Array:
+        """One time step of `lif_scan` on currents `x` (B, ...), whatever `time_steps`, from
+        the membrane potential `u[t-1]` in the `membrane` collection (zeros when absent),
+        which it replaces by `u[t]` (float32). `u[t-1]` enters as a constant: no gradient
+        flows along time (`sltt`). Same arithmetic as `lif_step`, so the same spikes."""
+        state = self.variable(MEMBRANE, "u", lambda: jnp.zeros(x.shape, wide(x).dtype))
+        u_prev = jax.lax.stop_gradient(state.value)
+        s_prev = (u_prev - self.v_th > 0).astype(u_prev.dtype)  # = spike(u_prev - v_th)
+        u = self.decay * u_prev * (1.0 - s_prev) + wide(x)
+        state.value = u
+        return spike(u - self.v_th, self.surrogate, self.surrogate_width).astype(x.dtype)
 
 
 def spiking_resnet(
