@@ -17,7 +17,8 @@ scheduler allocates every `lax.scan` output buffer at the program start, and its
   python experiments/memory_bptt.py --width=0.25 --batch=16 --time_steps=4,6 \
       --out=experiments/results/memory_bptt_cpu.json
   python experiments/memory_bptt.py --width=0.25 --batch=16 --time_steps=2,4,6,8,16 \
-      --variants=default,both,sltt --out=experiments/results/memory_sltt_cpu.json
+      --variants=default,both,sltt,sltt_pack_spikes --steps=3 \
+      --out=experiments/results/memory_sltt_cpu.json
 
 The second also writes a plot (peak memory and step time against T) beside the JSON (.png).
 """
@@ -59,7 +60,9 @@ VARIANTS = {
     "remat": {"remat": True},
     "pack_spikes": {"pack_spikes": True},
     "both": {"remat": True, "pack_spikes": True},
-    "sltt": {},  # the default model, SLTT's gradient (`sltt.value_and_grad`)
+    # SLTT's gradient (`sltt.value_and_grad`) of the default model, and with spikes packed.
+    "sltt": {},
+    "sltt_pack_spikes": {"pack_spikes": True},
 }
 
 
@@ -89,7 +92,7 @@ def measure(time_steps: int, variant: str) -> dict:
         return loss, updated["batch_stats"]
 
     grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
-    if variant == "sltt":
+    if variant.startswith("sltt"):
 
         def online(params, batch_stats, x, y):
             objective = lambda z: optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
@@ -104,7 +107,7 @@ def measure(time_steps: int, variant: str) -> dict:
     compiled = grad_fn.lower(*args).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    residual_bytes = None if variant == "sltt" else _residual_bytes(loss_fn, args)
+    residual_bytes = None if variant.startswith("sltt") else _residual_bytes(loss_fn, args)
     jax.block_until_ready(compiled(*args))  # warm-up
     times = []
     for _ in range(_STEPS.value):

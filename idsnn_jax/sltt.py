@@ -17,6 +17,12 @@ Then the backward never needs more than one step's activations:
    statistics, and takes each step's VJP with respect to the parameters; the scan adds
    them up, so XLA keeps one step's activations, not T.
 
+What still grows with T is pass 1: a forward without gradient keeps nothing for a backward,
+but holds a few of the current layer's activations for all T * B at once (every layer's
+statistics need all T steps of its input before any step of the next layer can run). Once
+those outgrow pass 2's one-step activations, the peak grows with T again, slowly (README
+"Training memory").
+
 BatchNorm under SLTT: the batch statistics (over all T * B) are constants of the gradient
 (as in SLTT implementations with BatchNorm, which normalize each step on its own); the
 gradient reaches scale, bias and the input through the normalization only. BPTT
