@@ -12,9 +12,9 @@ Then the backward never needs more than one step's activations:
    T * B, and over devices). The loss's cotangent of every step's logits follows: the
    student's logits are the time-mean of its per-step logits (the head is affine), so
    step t's cotangent is `dL/dlogits / T` (or `dL/dlogits[t]` for per-step losses).
-2. Pass 2: a `lax.scan` over t runs the network one step at a time (`LIF.one_step`, the
+2. Pass 2: a loop over t runs the network one step at a time (`LIF.one_step`, the
    membranes of all LIF layers in the carry), BatchNorm normalizing with pass 1's
-   statistics, and takes each step's VJP with respect to the parameters; the scan adds
+   statistics, and takes each step's VJP with respect to the parameters; the loop adds
    them up, so XLA keeps one step's activations, not T.
 
 What still grows with T is pass 1: a forward without gradient keeps nothing for a backward,
@@ -35,6 +35,7 @@ so that its expectation is the full SLTT gradient (a choice of this implementati
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -91,8 +92,8 @@ def value_and_grad(
 
     Args:
       model: a spiking network over `model.time_steps` steps with the `ResNet` interface:
-        `apply(variables, images, train, per_step)`, fields `time_steps` and `bn_momentum`,
-        LIF layers that run one step while the `membrane` collection is mutable.
+        `apply(variables, images, train, per_step)`, fields `time_steps`, `bn_momentum` and
+        `act` (the `LIF` module, which runs one step with `online=True`).
       objective: student logits -> scalar loss; logits (B, C), or (T, B, C) with `per_step`.
       params, batch_stats: the student's variables.
       images: the batch (B, H, W, C), repeated over T by the model (direct encoding).
@@ -122,7 +123,7 @@ def value_and_grad(
     mean_logits = jnp.mean(logits, axis=0) if per_step else logits
 
     # Pass 2: one step at a time, membranes carried, pass 1's statistics as constants.
-    one_step = model.clone(time_steps=1)
+    one_step = model.clone(time_steps=1, act=functools.partial(model.act, online=True))
 
     def forward(p: Any, membrane: Any) -> tuple[jax.Array, Any]:
         v = {"params": p, "batch_stats": stats, **({MEMBRANE: membrane} if membrane else {})}

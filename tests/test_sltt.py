@@ -4,6 +4,7 @@ the default's, K = T against all steps, and compiled memory that does not grow w
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -24,6 +25,9 @@ class TinySNN(nn.Module):
 
     time_steps: int = 3
     bn_momentum: float = 0.9
+    act: Callable[..., nn.Module] = functools.partial(
+        LIF, decay=DECAY, v_th=V_TH, surrogate_width=A
+    )
     hidden: int = 6
     num_classes: int = 3
 
@@ -35,7 +39,7 @@ class TinySNN(nn.Module):
         h = nn.BatchNorm(
             use_running_average=not train, momentum=self.bn_momentum, epsilon=EPS, name="bn"
         )(h)
-        s = LIF(time_steps=self.time_steps, decay=DECAY, v_th=V_TH, surrogate_width=A)(h)
+        s = self.act(time_steps=self.time_steps)(h)
         f = s.reshape((self.time_steps, b, -1))
         return nn.Dense(self.num_classes, name="head")(f if per_step else f.mean(axis=0))
 

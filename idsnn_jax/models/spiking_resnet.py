@@ -127,7 +127,7 @@ def remat_from_bits(block: nn.Module, x: jax.Array) -> jax.Array:
         xx = unpack_bits(bits, (1, math.prod(shape)), dtype).reshape(shape)
 
         def pure(params, xin):
-            return unbound.apply({**variables, "params": params}, xin, mutable=True)[0]
+            return unbound.apply({**variables, "params": params}, xin, mutable=["batch_stats"])[0]
 
         _, vjp = jax.vjp(pure, variables["params"], xx)
         params_t, x_t = vjp(g)
@@ -141,8 +141,8 @@ class LIF(nn.Module):
 
     Sows the layer's firing rate per example, `(B,)` (spikes per neuron per time step),
     into the `intermediates` collection when that collection is mutable; per example so
-    that evaluation can mask padded examples exactly. When the `membrane` collection is
-    mutable it runs one time step instead (`one_step`, input `(B, ...)`).
+    that evaluation can mask padded examples exactly. With `online=True` it runs one time
+    step instead (`one_step`, input `(B, ...)`, state in the `membrane` collection).
     """
 
     emits_spikes: ClassVar[bool] = True  # see `ResNet.spiking`
@@ -152,10 +152,11 @@ class LIF(nn.Module):
     surrogate: str = "rect"
     surrogate_width: float = 0.5
     pack_spikes: bool = False
+    online: bool = False  # run one time step (`one_step`), as `sltt` does
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.is_mutable_collection(MEMBRANE):
+        if self.online:
             return self.one_step(x)
         currents = x.reshape((self.time_steps, -1, *x.shape[1:]))
         spikes = lif_scan(
@@ -173,8 +174,9 @@ class LIF(nn.Module):
     def one_step(self, x: jax.Array) -> jax.Array:
         """One time step of `lif_scan` on currents `x` (B, ...), whatever `time_steps`, from
         the membrane potential `u[t-1]` in the `membrane` collection (zeros when absent),
-        which it replaces by `u[t]` (float32). `u[t-1]` enters as a constant: no gradient
-        flows along time (`sltt`). Same arithmetic as `lif_step`, so the same spikes."""
+        which it replaces by `u[t]` (float32) when that collection is mutable. `u[t-1]`
+        enters as a constant: no gradient flows along time (`sltt`). Same arithmetic as
+        `lif_step`, so the same spikes."""
         state = self.variable(MEMBRANE, "u", lambda: jnp.zeros(x.shape, wide(x).dtype))
         u_prev = jax.lax.stop_gradient(state.value)
         s_prev = (u_prev - self.v_th > 0).astype(u_prev.dtype)  # = spike(u_prev - v_th)
