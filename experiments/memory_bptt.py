@@ -1,6 +1,7 @@
-"""Training memory and step time of the Spiking ResNet with the memory-saving BPTT options.
+"""Training memory and step time of the Spiking ResNet with the memory-saving gradient options.
 
-For each T in `--time_steps` and each variant (default, remat, pack_spikes, both), compiles
+For each T in `--time_steps` and each variant (default, remat, pack_spikes, both: exact BPTT;
+sltt: the online gradient of `idsnn_jax.sltt`, the temporal path cut), compiles
 the gradient of the train-mode CE loss (BatchNorm in train mode, new batch statistics out)
 with `jax.jit(...).lower(...).compile()` and reads XLA's `memory_analysis()`: temp (the
 activations kept for the backward pass and scratch), argument and output bytes. Peak is
@@ -15,6 +16,11 @@ scheduler allocates every `lax.scan` output buffer at the program start, and its
 
   python experiments/memory_bptt.py --width=0.25 --batch=16 --time_steps=4,6 \
       --out=experiments/results/memory_bptt_cpu.json
+  python experiments/memory_bptt.py --width=0.25 --batch=16 --time_steps=2,4,6,8,16 \
+      --variants=default,both,sltt,sltt_pack_spikes --steps=3 \
+      --out=experiments/results/memory_sltt_cpu.json
+
+The second also writes a plot (peak memory and step time against T) beside the JSON (.png).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
+from idsnn_jax import sltt
 from idsnn_jax.models import create_model
 
 _MODEL = flags.DEFINE_string("model", "spiking_resnet18", "Spiking model name.")
@@ -53,6 +60,9 @@ VARIANTS = {
     "remat": {"remat": True},
     "pack_spikes": {"pack_spikes": True},
     "both": {"remat": True, "pack_spikes": True},
+    # SLTT's gradient (`sltt.value_and_grad`) of the default model, and with spikes packed.
+    "sltt": {},
+    "sltt_pack_spikes": {"pack_spikes": True},
 }
 
 
@@ -82,12 +92,22 @@ def measure(time_steps: int, variant: str) -> dict:
         return loss, updated["batch_stats"]
 
     grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    if variant.startswith("sltt"):
+
+        def online(params, batch_stats, x, y):
+            objective = lambda z: optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
+            (loss, (_, stats)), grads = sltt.value_and_grad(
+                model, objective, params, batch_stats, x
+            )
+            return (loss, stats), grads
+
+        grad_fn = jax.jit(online)
     args = (variables["params"], variables["batch_stats"], images, labels)
     t0 = time.perf_counter()
     compiled = grad_fn.lower(*args).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    residual_bytes = _residual_bytes(loss_fn, args)
+    residual_bytes = None if variant.startswith("sltt") else _residual_bytes(loss_fn, args)
     jax.block_until_ready(compiled(*args))  # warm-up
     times = []
     for _ in range(_STEPS.value):
@@ -174,6 +194,38 @@ def main(argv: list[str]) -> None:
         with open(_OUT.value, "w") as f:
             json.dump(rows, f, indent=1)
         print(f"wrote {_OUT.value}")
+        if len({r["time_steps"] for r in rows}) > 2:
+            plot(rows, os.path.splitext(_OUT.value)[0] + ".png")
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Compiled peak (MiB) and median step time (s) against T, a line per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        mine = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["time_steps"])
+        ts = [r["time_steps"] for r in mine]
+        ax_mem.plot(ts, [r["peak_bytes"] / 2**20 for r in mine], "o-", label=variant)
+        ax_time.plot(ts, [r["step_s_median"] for r in mine], "o-", label=variant)
+    ax_mem.set(xlabel="T", ylabel="MiB", title="compiled peak (XLA temp + args + outputs)")
+    ax_time.set(xlabel="T", ylabel="s", title="gradient step, median")
+    for ax in (ax_mem, ax_time):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    r = rows[0]
+    fig.suptitle(
+        f"{r['model']} width {r['width']}, batch {r['batch']}, {r['image']}, "
+        f"{r['device']} ({r['machine']})",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

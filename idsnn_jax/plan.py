@@ -123,6 +123,8 @@ def _fit_options(config: ml_collections.ConfigDict, role: str) -> FitOptions:
         AugmentOptions, config, {name: f"augment.{name}" for name in config.augment}
     )
     keys = {"num_epochs": f"{role}.num_epochs"}
+    if role == "student":
+        keys |= {"gradient": "student.gradient", "sltt_k": "student.sltt_k"}
     keys |= {
         name: name
         for name in (
@@ -191,6 +193,12 @@ def _check_rules(config: ml_collections.ConfigDict, needs_teacher: bool) -> None
     check(config, "teacher.model", not is_spiking(config.teacher.model), "an ANN (resnet*)")
     ok = is_spiking(config.student.model)
     check(config, "student.model", ok, "a spiking model (spiking_* or sew_*)")
+    if config.student.gradient == "sltt":
+        k, steps_ = config.student.sltt_k, config.student.time_steps
+        ok = k is None or not is_int(k) or not is_int(steps_) or k <= steps_
+        check(config, "student.sltt_k", ok, f"None or at most student.time_steps={steps_}")
+        ok = not config.student.remat
+        check(config, "student.remat", ok, "False with student.gradient='sltt' (it keeps one step)")
     if needs_teacher and config.teacher.checkpoint:
         ok = os.path.exists(config.teacher.checkpoint)
         check(config, "teacher.checkpoint", ok, "an existing path")

@@ -67,6 +67,8 @@ ADDED_KEYS = {
     "augment.auto_augment": False,
     "student.remat": False,
     "student.pack_spikes": False,
+    "student.gradient": "bptt",
+    "student.sltt_k": None,
 }
 # Per-stage keys that, absent from an older record, had the value of a global key then.
 ADDED_FROM = {

@@ -28,7 +28,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from idsnn_jax import energy, input_pipeline
+from idsnn_jax import energy, input_pipeline, sltt
 from idsnn_jax.augment import AugmentOptions, preprocess
 from idsnn_jax.datasets import DatasetInfo
 from idsnn_jax.losses import LossOptions, cross_entropy, objective
@@ -118,6 +118,7 @@ def _loss(
     images: jax.Array,
     labels: jax.Array,
     teacher_variables: Any,
+    key: jax.Array | None = None,  # unused: the signature of `_sltt_value_and_grad`
 ) -> tuple[jax.Array, tuple[jax.Array, Any]]:
     """(loss, (student time-mean logits, new batch_stats)): `losses.objective` of the student,
     against the teacher run in eval mode (running BN statistics, no gradient) on the same
@@ -135,6 +136,30 @@ def _loss(
     return loss, (logits, updates["batch_stats"])
 
 
+def _sltt_value_and_grad(
+    model: nn.Module,
+    teacher: nn.Module | None,
+    options: LossOptions,
+    k: int | None,
+    params: Any,
+    batch_stats: Any,
+    images: jax.Array,
+    labels: jax.Array,
+    teacher_variables: Any,
+    key: jax.Array,
+) -> tuple[tuple[jax.Array, tuple[jax.Array, Any]], Any]:
+    """`_loss`'s value and its gradient by SLTT (`sltt.value_and_grad`) instead of BPTT."""
+    teacher_logits = None
+    if teacher is not None:
+        teacher_logits = jax.lax.stop_gradient(
+            teacher.apply(teacher_variables, images, train=False)
+        )
+    objective_fn = lambda z: objective(z, labels, options, teacher_logits)
+    return sltt.value_and_grad(
+        model, objective_fn, params, batch_stats, images, per_step=options.per_step, key=key, k=k
+    )
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -144,6 +169,8 @@ def make_train_step(
     loss: LossOptions = LossOptions(),
     augment: AugmentOptions = AugmentOptions(),
     ema_decay: float = 0.0,
+    gradient: str = "bptt",
+    sltt_k: int | None = None,
 ) -> TrainStep:
     """Per-device train step `(state, batch, teacher_variables) -> (state, metrics)`.
 
@@ -152,10 +179,15 @@ def make_train_step(
     index in the global batch): a resumed run, or the same run on another number of devices,
     draws the same augmentations. The loss is `losses.objective` of `loss`: cross-entropy
     without a `teacher`, with distillation from it (frozen variables `teacher_variables`)
-    otherwise. `ema_decay` > 0 also updates `state.ema` (`ema_update`). Must run inside a
-    mapped axis named `batch`.
+    otherwise. `ema_decay` > 0 also updates `state.ema` (`ema_update`). `gradient="sltt"`
+    takes SLTT's online gradient instead of BPTT's (`sltt.value_and_grad`; same forward,
+    loss and BatchNorm statistics), through `sltt_k` time steps drawn from the step's key
+    (None: all). Must run inside a mapped axis named `batch`.
     """
+    sltt.check_gradient_args(gradient=gradient, sltt_k=sltt_k)
     grad_fn = jax.value_and_grad(functools.partial(_loss, model, teacher, loss), has_aux=True)
+    if gradient == "sltt":
+        grad_fn = functools.partial(_sltt_value_and_grad, model, teacher, loss, sltt_k)
 
     def train_step(state: TrainState, batch: Batch, teacher_variables: Any):
         images = preprocess(
@@ -167,7 +199,13 @@ def make_train_step(
             example_offset=jax.lax.axis_index(AXIS) * batch["label"].shape[0],
         )
         (value, (logits, batch_stats)), grads = grad_fn(
-            state.params, state.batch_stats, images, batch["label"], teacher_variables
+            state.params,
+            state.batch_stats,
+            images,
+            batch["label"],
+            teacher_variables,
+            # One draw of SLTT's time steps on every device: N devices equal one.
+            key=jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1),
         )
         grads = jax.lax.pmean(grads, AXIS)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

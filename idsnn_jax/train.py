@@ -19,7 +19,7 @@ import jax
 import optax
 from jax.sharding import Mesh
 
-from idsnn_jax import energy, epochs, faults, input_pipeline, optim, steps
+from idsnn_jax import energy, epochs, faults, input_pipeline, optim, sltt, steps
 from idsnn_jax.augment import AugmentOptions
 from idsnn_jax.checkpoints import StageCheckpoints, fingerprint
 from idsnn_jax.checks import check_fields, is_int
@@ -47,6 +47,10 @@ class FitOptions:
     log_every_steps: int = 50
     steps_per_call: int = 1  # train steps per host dispatch (a scan); results do not depend on it
     energy: str = ""  # an `energy.PRESETS` name: count SOPs/MACs in evaluation; "": none
+    # "bptt" (exact) or "sltt" (online, memory independent of T: `sltt.py`), and the time
+    # steps SLTT takes the gradient of (None: all).
+    gradient: str = "bptt"
+    sltt_k: int | None = None
 
     def __post_init__(self) -> None:
         positive = (
@@ -64,6 +68,7 @@ class FitOptions:
         ok = self.energy in ("", *energy.PRESETS)
         checks.append(("energy", ok, f"'' (off) or one of {sorted(energy.PRESETS)}"))
         check_fields(self, checks)
+        sltt.check_gradient_args(gradient=self.gradient, sltt_k=self.sltt_k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,6 +280,8 @@ def _compile(
         loss=options.loss,
         augment=options.augment,
         ema_decay=options.ema_decay,
+        gradient=options.gradient,
+        sltt_k=options.sltt_k,
     )
     eval_fn = lambda count: steps.compile_eval_step(
         ctx.mesh, steps.make_eval_step(model, ctx.info, count_ops=count)

@@ -117,3 +117,34 @@ def test_each_stage_has_its_own_budget_or_the_global_one():
     assert plan.build_plan(config).train_examples == {"student": None, "teacher": 16}
     config.init_from_teacher = config.distill = False
     assert plan.build_plan(config).train_examples == {"student": None}
+
+
+def test_gradient_options_reach_the_student_and_bad_ones_name_their_key():
+    """`student.gradient` / `student.sltt_k` land in the student's options only; refused
+    values and combinations fail in one line naming the key."""
+    config = tiny.get_config()
+    config.student.time_steps = 4
+    config.student.gradient, config.student.sltt_k = "sltt", 2
+    built = plan.build_plan(config)
+    assert (built.fit_options["student"].gradient, built.fit_options["student"].sltt_k) == (
+        "sltt",
+        2,
+    )
+    assert built.fit_options["teacher"].gradient == "bptt"
+    cases = [
+        ({"gradient": "ottt", "sltt_k": None}, "config.student.gradient='ottt' is invalid"),
+        ({"sltt_k": 0}, "config.student.sltt_k=0 is invalid: expected None (all time steps)"),
+        ({"sltt_k": 5}, "config.student.sltt_k=5 is invalid: expected None or at most"),
+        ({"gradient": "bptt", "sltt_k": 2}, "config.student.sltt_k=2 is invalid: expected None"),
+        ({"sltt_k": None, "remat": True}, "config.student.remat=True is invalid: expected False"),
+    ]
+    for changes, message in cases:
+        bad = tiny.get_config()
+        bad.student.time_steps = 4
+        bad.student.gradient = "sltt"
+        for key, value in changes.items():
+            bad.student[key] = value
+        with pytest.raises(ValueError) as err:
+            plan.build_plan(bad)
+        assert str(err.value).startswith(message), str(err.value)
+        assert "\n" not in str(err.value)

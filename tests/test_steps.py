@@ -272,3 +272,18 @@ def test_eval_step_counts_operations_over_devices():
         sum(float(np.sum(v)) for k, v in counts.items() if k.startswith("sops/")), rel=1e-6
     )
     assert sums["sops"] > 0 and sums["count"] == 6
+
+
+def test_sltt_step_four_devices_equal_one_device():
+    """`gradient='sltt'` with k < T: every device draws the same time steps from the step's
+    key, so 4 devices train as 1; and the step trains differently from BPTT."""
+    student, teacher = _models()
+    kw = dict(gradient="sltt", sltt_k=1)
+    one, losses_one = _run_steps(steps.create_mesh(jax.devices()[:1]), student, teacher, **kw)
+    four, losses_four = _run_steps(steps.create_mesh(), student, teacher, **kw)
+    np.testing.assert_allclose(losses_four, losses_one, rtol=1e-5)
+    chex.assert_trees_all_close(four.params, one.params, atol=1e-5, rtol=1e-4)
+    chex.assert_trees_all_close(four.batch_stats, one.batch_stats, atol=1e-5, rtol=1e-4)
+    bptt, losses_bptt = _run_steps(steps.create_mesh(jax.devices()[:1]), student, teacher)
+    assert losses_bptt[0] == pytest.approx(losses_one[0], rel=1e-6)  # same first forward
+    assert abs(losses_bptt[-1] - losses_one[-1]) > 1e-4

@@ -52,6 +52,11 @@ def get_config() -> ml_collections.ConfigDict:
     # the backward pass; keep what the backward needs of spikes as bits, not float32.
     config.student.remat = False
     config.student.pack_spikes = False
+    # The student's gradient: "bptt" (exact, the reference) or "sltt" (online: no gradient
+    # along time, memory independent of T; README "Training memory"); sltt_k: the time steps
+    # drawn per batch for SLTT's backward (None: all T).
+    config.student.gradient = "bptt"
+    config.student.sltt_k = ml_collections.config_dict.placeholder(int)
     config.student.neuron = ml_collections.ConfigDict()
     config.student.neuron.decay = 0.25
     config.student.neuron.v_th = 0.5

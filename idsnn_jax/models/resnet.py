@@ -232,6 +232,9 @@ class ResNet(nn.Module):
     remat_policy: str = "nothing_saveable"
     spike_conv: ModuleDef | None = None
     block_call: Callable[[nn.Module, jax.Array], jax.Array] | None = None
+    # Flax momentum of every BatchNorm's running statistics (PyTorch's 0.1). `sltt` runs the
+    # forward with 0.0, so that the new "running" statistics are the batch statistics.
+    bn_momentum: float = 0.9
 
     @property
     def spiking(self) -> bool:
@@ -248,7 +251,7 @@ class ResNet(nn.Module):
         norm = functools.partial(
             nn.BatchNorm,
             use_running_average=not train,
-            momentum=0.9,
+            momentum=self.bn_momentum,
             epsilon=BN_EPSILON,
             scale_init=nn.initializers.constant(self.bn_scale_init),
             axis_name=self.bn_axis_name if train else None,

@@ -22,10 +22,13 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from idsnn_jax.models.resnet import BasicBlock, Bottleneck, ResNet, torch_default_init
-from idsnn_jax.neuron import check_neuron_args, lif_scan, pack_bits, unpack_bits
+from idsnn_jax.neuron import check_neuron_args, lif_scan, pack_bits, spike, unpack_bits
 from idsnn_jax.precision import wide
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+# The collection of each LIF's membrane potential between time steps when the network runs
+# one step at a time (`LIF.one_step`, used by `sltt`).
+MEMBRANE = "membrane"
 
 
 def _conv(x: jax.Array, kernel: jax.Array, strides: int, padding: int) -> jax.Array:
@@ -124,7 +127,7 @@ def remat_from_bits(block: nn.Module, x: jax.Array) -> jax.Array:
         xx = unpack_bits(bits, (1, math.prod(shape)), dtype).reshape(shape)
 
         def pure(params, xin):
-            return unbound.apply({**variables, "params": params}, xin, mutable=True)[0]
+            return unbound.apply({**variables, "params": params}, xin, mutable=["batch_stats"])[0]
 
         _, vjp = jax.vjp(pure, variables["params"], xx)
         params_t, x_t = vjp(g)
@@ -138,7 +141,8 @@ class LIF(nn.Module):
 
     Sows the layer's firing rate per example, `(B,)` (spikes per neuron per time step),
     into the `intermediates` collection when that collection is mutable; per example so
-    that evaluation can mask padded examples exactly.
+    that evaluation can mask padded examples exactly. With `online=True` it runs one time
+    step instead (`one_step`, input `(B, ...)`, state in the `membrane` collection).
     """
 
     emits_spikes: ClassVar[bool] = True  # see `ResNet.spiking`
@@ -148,9 +152,12 @@ class LIF(nn.Module):
     surrogate: str = "rect"
     surrogate_width: float = 0.5
     pack_spikes: bool = False
+    online: bool = False  # run one time step (`one_step`), as `sltt` does
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.online:
+            return self.one_step(x)
         currents = x.reshape((self.time_steps, -1, *x.shape[1:]))
         spikes = lif_scan(
             currents,
@@ -163,6 +170,19 @@ class LIF(nn.Module):
         per_example = wide(spikes.reshape((self.time_steps, currents.shape[1], -1)))
         self.sow("intermediates", "firing_rate", jnp.mean(per_example, axis=(0, 2)))
         return spikes.reshape(x.shape)
+
+    def one_step(self, x: jax.Array) -> jax.Array:
+        """One time step of `lif_scan` on currents `x` (B, ...), whatever `time_steps`, from
+        the membrane potential `u[t-1]` in the `membrane` collection (zeros when absent),
+        which it replaces by `u[t]` (float32) when that collection is mutable. `u[t-1]`
+        enters as a constant: no gradient flows along time (`sltt`). Same arithmetic as
+        `lif_step`, so the same spikes."""
+        state = self.variable(MEMBRANE, "u", lambda: jnp.zeros(x.shape, wide(x).dtype))
+        u_prev = jax.lax.stop_gradient(state.value)
+        s_prev = (u_prev - self.v_th > 0).astype(u_prev.dtype)  # = spike(u_prev - v_th)
+        u = self.decay * u_prev * (1.0 - s_prev) + wide(x)
+        state.value = u
+        return spike(u - self.v_th, self.surrogate, self.surrogate_width).astype(x.dtype)
 
 
 def spiking_resnet(
