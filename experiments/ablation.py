@@ -89,25 +89,6 @@ def variant_config(
     return out
 
 
-def train_teacher(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Stage 1 of `pipeline.run` alone, in `workdir` (resumes; returns at once when done).
-
-    Writes the teacher's checkpoints to `<workdir>/teacher` and its metrics to
-    `<workdir>/metrics.jsonl`.
-    """
-    from idsnn_jax import pipeline
-
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        config.teacher.checkpoint = ""
-        config.init_from_teacher = True  # validate as a run that trains a teacher
-    ctx, plan = pipeline.create_context(config, workdir)
-    try:
-        pipeline.train_teacher(ctx, config, plan)
-    finally:
-        ctx.writer.close()
-
-
 def _stage_row(workdir: str, stage: str) -> dict[str, Any] | None:
     from idsnn_jax.logs import METRICS_FILE, read_records
 
@@ -120,6 +101,7 @@ def _stage_row(workdir: str, stage: str) -> dict[str, Any] | None:
 def shared_teacher(config: ml_collections.ConfigDict, root: str) -> tuple[str, dict | None]:
     """(checkpoint path, teacher summary or None): the given teacher, or one trained (once,
     resumably) with `config` in `<root>/teacher_run`."""
+    from idsnn_jax import pipeline
     from idsnn_jax.checkpoints import best_epoch
 
     if config.teacher.checkpoint:
@@ -131,7 +113,7 @@ def shared_teacher(config: ml_collections.ConfigDict, root: str) -> tuple[str, d
         done and done["epochs"] >= config.teacher.num_epochs and best_epoch(checkpoint) is not None
     ):
         start = time.time()
-        train_teacher(config, workdir)
+        pipeline.train_teacher(config, workdir)
         print(f"teacher trained in {workdir} in {common.duration(time.time() - start)}", flush=True)
     return checkpoint, _stage_row(workdir, "teacher")
 

@@ -30,14 +30,33 @@ from idsnn_jax.losses import LossOptions
 from idsnn_jax.models import create_model, is_spiking
 from idsnn_jax.precision import DTYPES, compute_dtype
 from idsnn_jax.train import FitOptions
-from idsnn_jax.transfer import transfer_report
+from idsnn_jax.transfer import TransferOptions, transfer_report
 
 ROLES = ("teacher", "student")
 
 
 @dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """Where a run's examples come from."""
+
+    dataset: str
+    data_dir: str | None  # None: the default places, then TFDS
+    max_test_examples: int | None  # None: the whole test split
+    shards: int  # of the training split, in all processes together (`data_shards`)
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSpec:
+    """The teacher the students learn from, as the config names it."""
+
+    model: str
+    width: float
+    checkpoint: str  # a trained teacher to load; "": trained in stage 1
+
+
+@dataclasses.dataclass(frozen=True)
 class RunPlan:
-    """What `pipeline.run` needs, built from a valid config."""
+    """What `pipeline.run` needs, built from a valid config: the pipeline reads nothing else."""
 
     info: DatasetInfo
     models: dict[str, nn.Module]  # role -> model
@@ -46,7 +65,12 @@ class RunPlan:
     needs_teacher: bool
     # role -> the first that many training examples it trains on (None: all), for each role
     # in fit_options (the baseline is a student stage)
-    train_examples: dict[str, int | None] = dataclasses.field(default_factory=dict)
+    train_examples: dict[str, int | None]
+    seed: int
+    data: DataSpec
+    teacher: TeacherSpec
+    students: tuple[tuple[str, bool, bool], ...]  # (stage, init from the teacher, distill)
+    transfer: TransferOptions
 
 
 def get(config: ml_collections.ConfigDict, key: str) -> Any:
@@ -219,13 +243,27 @@ def build_plan(config: ml_collections.ConfigDict) -> RunPlan:
     fit_options = {"student": _fit_options(config, "student")}
     if needs_teacher and not config.teacher.checkpoint:
         fit_options["teacher"] = _fit_options(config, "teacher")
-    if config.init_from_teacher:
-        from_config(
-            transfer_report,
-            config,
-            {"block_map": "block_map", "copy_shortcut": "copy_shortcut"},
-            params_ann=abstract["teacher"],
-            params_snn=abstract["student"],
-        )
-    budgets = {role: train_examples(config, role) for role in fit_options}
-    return RunPlan(info, models, abstract, fit_options, needs_teacher, budgets)
+    transfer_keys = {"block_map": "block_map", "copy_shortcut": "copy_shortcut"}
+    transfer = from_config(TransferOptions, config, transfer_keys)
+    if config.init_from_teacher:  # the report checks the block map against both trees
+        report = lambda **kw: transfer_report(abstract["teacher"], abstract["student"], **kw)
+        from_config(report, config, transfer_keys)
+    return RunPlan(
+        info,
+        models,
+        abstract,
+        fit_options,
+        needs_teacher,
+        {role: train_examples(config, role) for role in fit_options},
+        config.seed,
+        DataSpec(config.dataset, config.data_dir, config.max_test_examples, data_shards(config)),
+        TeacherSpec(config.teacher.model, config.teacher.width, config.teacher.checkpoint),
+        _students(config),
+        transfer,
+    )
+
+
+def _students(config: ml_collections.ConfigDict) -> tuple[tuple[str, bool, bool], ...]:
+    """The student stages: the student as configured, and the baseline (no init, no KD)."""
+    student = ("student", bool(config.init_from_teacher), bool(config.distill))
+    return (student, ("baseline", False, False)) if config.compare_baseline else (student,)
