@@ -41,7 +41,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from idsnn_jax import datasets, optim, steps
-from idsnn_jax.models import create_model
+from idsnn_jax.models import create_model, init_variables
 
 VARIANTS = {
     "default": {},
@@ -160,7 +160,7 @@ def _init(name: str, num_classes: int, width: float, image: tuple[int, ...], see
     """Variables of model `name`, initialized once: they do not depend on T, the compute
     dtype or the memory variant (parameters and BN statistics are float32)."""
     model = create_model(name, num_classes=num_classes, width=width)
-    return steps.init_variables(model, _info(num_classes, image), seed)
+    return init_variables(model, _info(num_classes, image), seed)
 
 
 def build_ours(s: Settings, g: Group, variant: str, k: int, variables: tuple, mesh) -> Contender:

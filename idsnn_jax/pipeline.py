@@ -36,6 +36,7 @@ from idsnn_jax.checkpoints import (
 )
 from idsnn_jax.datasets import Split, load_split
 from idsnn_jax.logs import MetricLogger, logger, read_records, setup_logging
+from idsnn_jax.models import init_variables
 from idsnn_jax.plan import RunPlan, build_plan
 from idsnn_jax.resume import DIVERGED_FILE, check_workdir, write_config
 from idsnn_jax.transfer import init_snn_from_ann
@@ -55,7 +56,7 @@ def _teacher(ctx: train.RunContext, plan: RunPlan) -> tuple[dict[str, Any], floa
         ctx.for_role("teacher"),
         stage="teacher",
         model=plan.models["teacher"],
-        variables=steps.init_variables(plan.models["teacher"], plan.info, plan.seed),
+        variables=init_variables(plan.models["teacher"], plan.info, plan.seed),
         options=plan.fit_options["teacher"],
     )
     return load_variables(os.path.join(ctx.workdir, "teacher")), result.best_accuracy
@@ -87,7 +88,7 @@ def _student(
     """Stages 2 and 3 for one student: build, optionally initialize from the teacher, train.
     A stage that has checkpoints resumes from them: no transfer is redone or logged."""
     model = plan.models["student"]
-    variables = steps.init_variables(model, plan.info, plan.seed + 1)
+    variables = init_variables(model, plan.info, plan.seed + 1)
     if init and not has_checkpoint(os.path.join(ctx.workdir, stage)):
         options = {f.name: getattr(plan.transfer, f.name) for f in fields(plan.transfer)}
         variables, mapped = init_snn_from_ann(

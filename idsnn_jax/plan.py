@@ -21,13 +21,13 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from idsnn_jax import optim, steps
+from idsnn_jax import optim
 from idsnn_jax.augment import AugmentOptions
 from idsnn_jax.checks import is_int
 from idsnn_jax.configs import default
 from idsnn_jax.datasets import DatasetInfo, dataset_info
 from idsnn_jax.losses import LossOptions
-from idsnn_jax.models import create_model, is_spiking
+from idsnn_jax.models import AXIS, create_model, init_variables, is_spiking
 from idsnn_jax.precision import DTYPES, compute_dtype
 from idsnn_jax.train import FitOptions
 from idsnn_jax.transfer import TransferOptions, transfer_report
@@ -133,7 +133,7 @@ def build_model(config: ml_collections.ConfigDict, role: str, info: DatasetInfo)
         _model_keys(config, role),
         num_classes=info.num_classes,
         dtype=compute_dtype(config.dtype),
-        bn_axis_name=steps.AXIS,
+        bn_axis_name=AXIS,
     )
 
 
@@ -237,7 +237,7 @@ def build_plan(config: ml_collections.ConfigDict) -> RunPlan:
     roles = ROLES if needs_teacher else ("student",)
     models = {role: build_model(config, role, info) for role in roles}
     abstract = {
-        role: jax.eval_shape(lambda m=model: steps.init_variables(m, info, 0))
+        role: jax.eval_shape(lambda m=model: init_variables(m, info, 0))
         for role, model in models.items()
     }
     fit_options = {"student": _fit_options(config, "student")}

@@ -32,10 +32,8 @@ from idsnn_jax import energy, input_pipeline, sltt
 from idsnn_jax.augment import AugmentOptions, preprocess
 from idsnn_jax.datasets import DatasetInfo
 from idsnn_jax.losses import LossOptions, cross_entropy, objective
-from idsnn_jax.models import firing_rates
-from idsnn_jax.precision import wide_dtype
+from idsnn_jax.models import AXIS, firing_rates
 
-AXIS = "batch"
 Batch = dict[str, jax.Array]
 TrainStep = Callable[[Any, Batch, Any], tuple[Any, Batch]]
 TrainLoop = Callable[[Any, Batch, jax.Array, jax.Array, Any], tuple[Any, Batch]]
@@ -66,16 +64,6 @@ def create_mesh(devices: list[jax.Device] | None = None) -> Mesh:
     if owners != sorted(owners) or len(set(collections.Counter(owners).values())) > 1:
         raise ValueError(f"every process must bring as many devices, in order; got {owners}")
     return Mesh(np.asarray(devices), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def init_variables(model: nn.Module, info: DatasetInfo, seed: int) -> dict[str, Any]:
-    """Model variables {'params', 'batch_stats'} for a batch of `info`-shaped images, in the
-    `precision.wide_dtype` of the model's compute dtype (float64 for float64 models)."""
-    dummy = jnp.zeros((1, *info.image_shape), jnp.float32)
-    init = jax.jit(functools.partial(model.init, train=False))
-    variables = init(jax.random.PRNGKey(seed), dummy)
-    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    return jax.tree.map(lambda x: x.astype(wide_dtype(model.dtype)), variables)
 
 
 def create_train_state(

@@ -12,7 +12,7 @@ import references as ref
 from idsnn_jax import epochs, input_pipeline, steps, train
 from idsnn_jax.datasets import DatasetInfo, Split
 from idsnn_jax.logs import MetricLogger
-from idsnn_jax.models import create_model
+from idsnn_jax.models import create_model, init_variables
 
 INFO = DatasetInfo("tiny", 5, (8, 8, 3), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
 
@@ -23,7 +23,7 @@ def test_evaluate_counts_every_example_once():
     student = create_model(
         "spiking_resnet18", num_classes=5, width=0.0625, time_steps=2, bn_axis_name="batch"
     )
-    variables = steps.init_variables(student, INFO, 3)
+    variables = init_variables(student, INFO, 3)
     rng = np.random.default_rng(1)
     split = Split(
         rng.integers(0, 256, (11, 8, 8, 3), dtype=np.uint8),

@@ -21,7 +21,7 @@ from idsnn_jax import checkpoints, epochs, pipeline, resume, steps, train
 from idsnn_jax.configs import tiny
 from idsnn_jax.datasets import dataset_info
 from idsnn_jax.logs import MetricLogger
-from idsnn_jax.models import create_model
+from idsnn_jax.models import create_model, init_variables
 from idsnn_jax.plan import build_plan
 from idsnn_jax.transfer import init_snn_from_ann
 
@@ -279,7 +279,7 @@ def test_student_starts_from_the_best_teacher_epoch(data_fashion_mnist_dir, tmp_
     best = checkpoints.load_variables(str(tmp_path / "teacher" / "2"))
     last = checkpoints.load_variables(str(tmp_path / "teacher" / "3"))
     student_model = fits["student"]["model"]
-    fresh = steps.init_variables(student_model, dataset_info(config.dataset), config.seed + 1)
+    fresh = init_variables(student_model, dataset_info(config.dataset), config.seed + 1)
     expected = init_snn_from_ann(best, fresh)
     chex.assert_trees_all_equal(
         jax.device_get(fits["student"]["variables"]), jax.device_get(expected)
@@ -437,7 +437,7 @@ def _save_model(directory, name: str, width: float, dataset: str, **kwargs) -> N
     """One saved epoch of `name` (zeros: only shapes matter) in the stage `directory`."""
     info = dataset_info(dataset)
     model = create_model(name, num_classes=info.num_classes, width=width, **kwargs)
-    shapes = jax.eval_shape(lambda: steps.init_variables(model, info, 0))
+    shapes = jax.eval_shape(lambda: init_variables(model, info, 0))
     variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
     ckpt = checkpoints.StageCheckpoints(str(directory))
     ckpt.save(1, steps.create_train_state(variables, optax.sgd(0.1), 0), {"history": []}, 0.5)

@@ -13,7 +13,7 @@ from idsnn_jax import plan, precision, steps
 from idsnn_jax.configs import tiny
 from idsnn_jax.datasets import dataset_info
 from idsnn_jax.losses import LossOptions, objective
-from idsnn_jax.models import create_model
+from idsnn_jax.models import create_model, init_variables
 
 INFO = dataset_info("fashion_mnist")
 
@@ -60,7 +60,7 @@ def test_state_logits_and_loss_are_wide(compute):
     with jax.enable_x64(compute == jnp.float64):
         model = create_model("spiking_resnet18", num_classes=10, width=0.0625, time_steps=2)
         model = model.clone(dtype=compute)
-        variables = steps.init_variables(model, INFO, 0)
+        variables = init_variables(model, INFO, 0)
         images = jnp.asarray(np.random.default_rng(0).normal(size=(4, 28, 28, 1)), compute)
         labels = jnp.arange(4)
 

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 from idsnn_jax import augment, energy, input_pipeline, steps
 from idsnn_jax.datasets import DatasetInfo
 from idsnn_jax.losses import LossOptions, cross_entropy, idsnn_loss, objective
-from idsnn_jax.models import create_model
+from idsnn_jax.models import create_model, init_variables
 
 INFO = DatasetInfo("tiny", 5, (8, 8, 3), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
 
@@ -76,10 +76,10 @@ def _run_steps(mesh, student, teacher, num_steps: int = 3, steps_per_call: int =
     tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.05, momentum=0.9))
     step = steps.make_train_step(student, tx, INFO, teacher=teacher, **step_kw)
     train_fn = _compile_loop(mesh, step)
-    variables = steps.init_variables(student, INFO, 0)
+    variables = init_variables(student, INFO, 0)
     ema = bool(step_kw.get("ema_decay"))
     state = steps.replicate(steps.create_train_state(variables, tx, 7, ema=ema), mesh)
-    teacher_vars = steps.replicate(steps.init_variables(teacher, INFO, 1), mesh)
+    teacher_vars = steps.replicate(init_variables(teacher, INFO, 1), mesh)
     data, calls = _calls(mesh, _batches(num_steps, 8), steps_per_call)
     losses = []
     for indices, valid in calls:
@@ -99,7 +99,7 @@ def test_four_devices_equal_one_device():
     chex.assert_trees_all_close(four.params, one.params, atol=1e-5, rtol=1e-4)
     chex.assert_trees_all_close(four.batch_stats, one.batch_stats, atol=1e-5, rtol=1e-4)
     # The step really trained: parameters moved away from the initialization.
-    init = steps.init_variables(student, INFO, 0)["params"]
+    init = init_variables(student, INFO, 0)["params"]
     moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), one.params, init)
     assert max(jax.tree.leaves(moved)) > 1e-3
 
@@ -125,7 +125,7 @@ def test_ema_follows_the_recurrence():
     student, teacher = _models()
     mesh = steps.create_mesh(jax.devices()[:1])
     tx = optax.sgd(0.05)
-    variables = steps.init_variables(student, INFO, 0)
+    variables = init_variables(student, INFO, 0)
     state = steps.replicate(steps.create_train_state(variables, tx, 7, ema=True), mesh)
     train_fn = _compile_loop(mesh, steps.make_train_step(student, tx, INFO, ema_decay=0.9))
     data, calls = _calls(mesh, _batches(3, 8), steps_per_call=1)
@@ -160,10 +160,8 @@ def test_train_step_traces_once():
     step = chex.assert_max_traces(steps.make_train_step(student, tx, INFO, teacher=teacher), n=1)
     mesh = steps.create_mesh()
     train_fn = _compile_loop(mesh, step)
-    state = steps.replicate(
-        steps.create_train_state(steps.init_variables(student, INFO, 0), tx, 0), mesh
-    )
-    teacher_vars = steps.replicate(steps.init_variables(teacher, INFO, 1), mesh)
+    state = steps.replicate(steps.create_train_state(init_variables(student, INFO, 0), tx, 0), mesh)
+    teacher_vars = steps.replicate(init_variables(teacher, INFO, 1), mesh)
     data, calls = _calls(mesh, _batches(3, 8), steps_per_call=1)
     for indices, valid in calls:
         state, _ = train_fn(state, data, indices, valid, teacher_vars)
@@ -174,8 +172,8 @@ def _one_step(student, teacher, *, kd_alpha=0.3, kd_tau=4.0):
     """One distillation step on one device: (state before, batch, teacher variables, metrics)."""
     mesh = steps.create_mesh(jax.devices()[:1])
     tx = optax.sgd(0.05)
-    state = steps.create_train_state(steps.init_variables(student, INFO, 0), tx, 7)
-    teacher_vars = steps.init_variables(teacher, INFO, 1)
+    state = steps.create_train_state(init_variables(student, INFO, 0), tx, 7)
+    teacher_vars = init_variables(teacher, INFO, 1)
     batch = _batches(1, 8, seed=3)[0]
     step = steps.make_train_step(
         student, tx, INFO, teacher=teacher, loss=LossOptions(kd_alpha=kd_alpha, kd_tau=kd_tau)
@@ -217,9 +215,9 @@ def test_modern_step_reports_the_objective():
     student, teacher = _models()
     mesh = steps.create_mesh(jax.devices()[:1])
     tx = optax.sgd(0.05)
-    variables = steps.init_variables(student, INFO, 0)
+    variables = init_variables(student, INFO, 0)
     state = steps.create_train_state(variables, tx, 7, ema=True)
-    teacher_vars = steps.init_variables(teacher, INFO, 1)
+    teacher_vars = init_variables(teacher, INFO, 1)
     batch = _batches(1, 8, seed=3)[0]
     train_fn = _compile_loop(
         mesh, steps.make_train_step(student, tx, INFO, teacher=teacher, **MODERN)
@@ -258,7 +256,7 @@ def test_eval_step_counts_operations_over_devices():
     """With count_ops, the sharded eval step's SOP and MAC sums equal `energy.counted_apply`
     on the whole batch (padding masked), and the totals are the per-layer sums."""
     student, _ = _models()
-    variables = steps.init_variables(student, INFO, 0)
+    variables = init_variables(student, INFO, 0)
     batch = _batches(1, 8, seed=5)[0] | {"mask": np.array([1] * 6 + [0] * 2, np.float32)}
     mesh = steps.create_mesh()
     eval_fn = steps.compile_eval_step(mesh, steps.make_eval_step(student, INFO, count_ops=True))

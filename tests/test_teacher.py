@@ -10,7 +10,7 @@ import pytest
 
 from idsnn_jax import checkpoints, steps, teacher
 from idsnn_jax.datasets import dataset_info
-from idsnn_jax.models import create_model
+from idsnn_jax.models import create_model, init_variables
 from idsnn_jax.plan import TeacherSpec
 
 INFO = dataset_info("cifar10")
@@ -18,13 +18,13 @@ INFO = dataset_info("cifar10")
 
 def _abstract(width: float):
     model = create_model("resnet18", num_classes=10, width=width, bn_axis_name="batch")
-    return jax.eval_shape(lambda: steps.init_variables(model, INFO, 0))
+    return jax.eval_shape(lambda: init_variables(model, INFO, 0))
 
 
 def _save(directory, width: float, seed: int = 0):
     """A teacher stage directory holding one epoch of a resnet18 of `width` (random weights)."""
     model = create_model("resnet18", num_classes=10, width=width, bn_axis_name="batch")
-    variables = jax.device_get(steps.init_variables(model, INFO, seed))
+    variables = jax.device_get(init_variables(model, INFO, seed))
     ckpt = checkpoints.StageCheckpoints(str(directory))
     ckpt.save(1, steps.create_train_state(variables, optax.sgd(0.1), 0), {"history": []}, 0.5)
     ckpt.close()

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from idsnn_jax import steps, torch_import
+from idsnn_jax import torch_import
 from idsnn_jax.datasets import DatasetInfo
-from idsnn_jax.models import create_model
+from idsnn_jax.models import create_model, init_variables
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -121,9 +121,7 @@ def test_imported_teacher_gives_pytorch_logits(tmp_path, layout, suffix):
         expected = teacher(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
     with jax.enable_x64(True):
         model = create_model("resnet34", num_classes=10, width=0.0625)
-        target = jax.tree.map(
-            lambda x: np.asarray(x, np.float64), steps.init_variables(model, INFO, 0)
-        )
+        target = jax.tree.map(lambda x: np.asarray(x, np.float64), init_variables(model, INFO, 0))
         variables = torch_import.load_torch_teacher(path, target)
         got = _flax_logits(variables, images)
     # Computed in float64 throughout; the model casts its logits to float32 at the very end.
@@ -132,7 +130,7 @@ def test_imported_teacher_gives_pytorch_logits(tmp_path, layout, suffix):
 
 def _target(num_classes=10, width=0.0625):
     model = create_model("resnet34", num_classes=num_classes, width=width)
-    return steps.init_variables(
+    return init_variables(
         model, DatasetInfo("t", num_classes, (8, 8, 3), (0.5,) * 3, (0.25,) * 3), 0
     )
 

@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 from idsnn_jax import augment, input_pipeline, optim, steps
 from idsnn_jax.datasets import DatasetInfo
 from idsnn_jax.losses import idsnn_loss
-from idsnn_jax.models import create_model, firing_rates
+from idsnn_jax.models import create_model, firing_rates, init_variables
 
 torch = pytest.importorskip("torch")
 import torch_reference as tr  # noqa: E402  (experiments/ is on pytest's pythonpath)
@@ -66,7 +66,7 @@ def _flax_tree(model: torch.nn.Module, like: dict, grads: bool = False) -> dict:
 def _variables(model, seed: int) -> dict:
     """Float64 NumPy variables with random BN scales, biases and running statistics, so that
     spikes reach the last layer in eval mode too (at init they would not)."""
-    variables = steps.init_variables(model, INFO, seed)
+    variables = init_variables(model, INFO, seed)
     rng = np.random.default_rng(seed)
     draws = {
         "scale": lambda s: rng.uniform(0.4, 1.2, s),

@@ -16,7 +16,7 @@ from idsnn_jax.checkpoints import StageCheckpoints
 from idsnn_jax.datasets import DatasetInfo, dataset_info, load_split
 from idsnn_jax.logs import MetricLogger
 from idsnn_jax.losses import LossOptions
-from idsnn_jax.models import create_model
+from idsnn_jax.models import create_model, init_variables
 
 INFO = DatasetInfo("tiny", 5, (8, 8, 3), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
 
@@ -35,7 +35,7 @@ def _fit(ctx, num_epochs: int, **options):
         ctx,
         stage="teacher",
         model=model,
-        variables=steps.init_variables(model, ctx.info, 0),
+        variables=init_variables(model, ctx.info, 0),
         options=train.FitOptions(**(opts | options)),
     )
 
@@ -146,12 +146,12 @@ def test_best_checkpoint_lies_on_the_final_trajectory(
 def _fit_student(ctx, epochs: int, teacher_seed: int):
     """An ANN 'student' distilling from a ResNet18 teacher initialized with `teacher_seed`."""
     model = create_model("resnet18", num_classes=10, width=0.0625, bn_axis_name="batch")
-    teacher = (model, jax.device_get(steps.init_variables(model, ctx.info, teacher_seed)))
+    teacher = (model, jax.device_get(init_variables(model, ctx.info, teacher_seed)))
     return train.fit(
         ctx,
         stage="student",
         model=model,
-        variables=steps.init_variables(model, ctx.info, 0),
+        variables=init_variables(model, ctx.info, 0),
         options=train.FitOptions(num_epochs=epochs, batch_size=8, eval_batch_size=8),
         teacher=teacher,
     )

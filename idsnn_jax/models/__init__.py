@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 from idsnn_jax.models.resnet import REMAT_POLICIES, BasicBlock, Bottleneck, ResNet
 from idsnn_jax.models.spiking_resnet import LIF, firing_rates, spiking_resnet
+from idsnn_jax.precision import wide_dtype
+
+if TYPE_CHECKING:
+    from idsnn_jax.datasets import DatasetInfo
+
+AXIS = "batch"  # the data-parallel mesh axis (`steps.create_mesh`) BatchNorm averages over
 
 _ANN = functools.partial(ResNet, block_cls=BasicBlock)
 _ANN_BOTTLENECK = functools.partial(ResNet, block_cls=Bottleneck)
@@ -59,7 +67,18 @@ def create_model(name: str, *, num_classes: int, width: float = 1.0, **kwargs: A
     return MODELS[name](num_classes=num_classes, width=width, **kwargs)
 
 
+def init_variables(model: nn.Module, info: DatasetInfo, seed: int) -> dict[str, Any]:
+    """Model variables {'params', 'batch_stats'} for a batch of `info`-shaped images, in the
+    `precision.wide_dtype` of the model's compute dtype (float64 for float64 models)."""
+    dummy = jnp.zeros((1, *info.image_shape), jnp.float32)
+    init = jax.jit(functools.partial(model.init, train=False))
+    variables = init(jax.random.PRNGKey(seed), dummy)
+    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    return jax.tree.map(lambda x: x.astype(wide_dtype(model.dtype)), variables)
+
+
 __all__ = [
+    "AXIS",
     "LIF",
     "MODELS",
     "BasicBlock",
@@ -67,6 +86,7 @@ __all__ = [
     "ResNet",
     "create_model",
     "firing_rates",
+    "init_variables",
     "is_spiking",
     "spiking_resnet",
 ]
