@@ -107,6 +107,9 @@ def value_and_grad(
       the loss, the student's time-mean logits (B, C) and new running statistics of the
       default forward, and the gradient with respect to `params`.
     """
+    if getattr(model, "remat", False):
+        # A rematerialized block's backward would rerun its LIFs without their membranes.
+        raise ValueError("remat=True is invalid: expected False with SLTT (it keeps one step)")
     steps = model.time_steps
     # Pass 1: the default forward; momentum 0 makes the "running" statistics the batch's.
     momentum = model.bn_momentum

@@ -225,3 +225,9 @@ def test_compiled_memory_does_not_grow_with_t():
     bptt16, bptt2 = _gradient_peak(16, "bptt"), _gradient_peak(2, "bptt")
     assert bptt16 > 2 * bptt2, (bptt16, bptt2)
     assert sltt16 < bptt16 / 2
+
+
+def test_refuses_a_rematerialized_model():
+    model = create_model("spiking_resnet18", num_classes=5, width=0.0625, remat=True)
+    with pytest.raises(ValueError, match=r"^remat=True is invalid: expected False with SLTT"):
+        sltt.value_and_grad(model, jnp.sum, {}, {}, jnp.zeros((1, 8, 8, 3)))
