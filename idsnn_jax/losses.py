@@ -13,6 +13,7 @@ loss) and per-time-step distillation; `objective` composes them for a train step
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -151,3 +152,11 @@ def objective(
         each = jax.vmap(lambda z: kd_loss(z, teacher_logits, options.kd_tau))(per_step)
         return loss + options.kd_alpha * jnp.mean(each)
     return loss + options.kd_alpha * kd_loss(mean, teacher_logits, options.kd_tau)
+
+
+def teacher_logits(teacher: Any, variables: Any, images: jax.Array) -> jax.Array | None:
+    """The KD target: `teacher` (a Flax module, or None: no distillation) in eval mode (its
+    running BN statistics) on `images`, without gradient."""
+    if teacher is None:
+        return None
+    return jax.lax.stop_gradient(teacher.apply(variables, images, train=False))

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from idsnn_jax.checks import is_int
+from idsnn_jax.losses import LossOptions, objective, teacher_logits
 from idsnn_jax.models.spiking_resnet import MEMBRANE
 
 GRADIENTS = ("bptt", "sltt")
@@ -101,7 +102,7 @@ def value_and_grad(
       k: time steps whose gradient is taken (None: all T).
       unroll: pass 2 as straight-line code, one step after the other (a data dependence
         orders them), rather than a `lax.scan`. Same result; XLA:CPU runs convolutions
-        inside a while loop many times slower (`experiments/memory_sltt.py`).
+        inside a while loop many times slower (`experiments/memory_bptt.py`).
 
     Returns:
       the loss, the student's time-mean logits (B, C) and new running statistics of the
@@ -111,10 +112,31 @@ def value_and_grad(
         # A rematerialized block's backward would rerun its LIFs without their membranes.
         raise ValueError("remat=True is invalid: expected False with SLTT (it keeps one step)")
     steps = model.time_steps
-    # Pass 1: the default forward; momentum 0 makes the "running" statistics the batch's.
-    momentum = model.bn_momentum
+    value, mean_logits, new_stats, stats, cotangents = _pass1(
+        model, objective, params, batch_stats, images, per_step
+    )
+    chosen = chosen_steps(key if key is not None else jax.random.key(0), steps, k)
+    every_step = k is None or k >= steps
+    grads = _pass2(model, params, stats, images, cotangents, chosen, every_step, unroll)
+    if not every_step:
+        grads = jax.tree.map(lambda x: x * (steps / k), grads)
+    return (value, (mean_logits, new_stats)), grads
+
+
+def _pass1(
+    model: nn.Module,
+    objective: Callable[[jax.Array], jax.Array],
+    params: Any,
+    batch_stats: Any,
+    images: jax.Array,
+    per_step: bool,
+) -> tuple[jax.Array, jax.Array, Any, Any, jax.Array]:
+    """The default train-mode forward, without gradient: (loss, time-mean logits (B, C), new
+    running statistics, the batch statistics, each step's logits' cotangent (T, B, C))."""
+    steps, momentum = model.time_steps, model.bn_momentum
     kwargs = {"per_step": True} if per_step else {}
     variables = {"params": params, "batch_stats": batch_stats}
+    # Momentum 0 makes the "running" statistics the batch's.
     logits, updates = model.clone(bn_momentum=0.0).apply(
         variables, images, train=True, mutable=["batch_stats"], **kwargs
     )
@@ -124,8 +146,21 @@ def value_and_grad(
     # Each step's logits are head(pooled[t]); the default's are their time-mean.
     cotangents = g if per_step else jnp.broadcast_to(g / steps, (steps, *g.shape))
     mean_logits = jnp.mean(logits, axis=0) if per_step else logits
+    return value, mean_logits, new_stats, stats, cotangents
 
-    # Pass 2: one step at a time, membranes carried, pass 1's statistics as constants.
+
+def _pass2(
+    model: nn.Module,
+    params: Any,
+    stats: Any,
+    images: jax.Array,
+    cotangents: jax.Array,
+    chosen: jax.Array,
+    every_step: bool,
+    unroll: bool,
+) -> Any:
+    """The sum over the `chosen` steps of each step's parameter gradient: one step at a time,
+    membranes carried without gradient, BN with pass 1's statistics as constants."""
     one_step = model.clone(time_steps=1, act=functools.partial(model.act, online=True))
 
     def forward(p: Any, membrane: Any) -> tuple[jax.Array, Any]:
@@ -134,10 +169,7 @@ def value_and_grad(
         return z, out[MEMBRANE]
 
     shapes = jax.eval_shape(lambda: forward(params, None)[1])
-    membrane0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    chosen = chosen_steps(key if key is not None else jax.random.key(0), steps, k)
-    every_step = k is None or k >= steps
 
     def with_grad(membrane: Any, cotangent: jax.Array) -> tuple[Any, Any]:
         z, vjp, membrane = jax.vjp(lambda p: forward(p, membrane), params, has_aux=True)
@@ -153,16 +185,33 @@ def value_and_grad(
             membrane, grads = jax.lax.cond(take, with_grad, without, membrane, cotangent)
         return (membrane, jax.tree.map(jnp.add, total, grads)), None
 
-    carry = (membrane0, zeros)
-    if unroll:
-        for t in range(steps):
-            carry, _ = body(carry, (cotangents[t], chosen[t]))
-            # Step t+1 starts only once step t's gradient is complete, so its activations
-            # are dead by then (else the scheduler may run every forward first).
-            carry = (_after(carry[0], carry[1]), carry[1])
-    else:
-        carry, _ = jax.lax.scan(body, carry, (cotangents, chosen))
-    grads = carry[1]
-    if not every_step:
-        grads = jax.tree.map(lambda x: x * (steps / k), grads)
-    return (value, (mean_logits, new_stats)), grads
+    carry = (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), zeros)
+    if not unroll:
+        return jax.lax.scan(body, carry, (cotangents, chosen))[0][1]
+    for t in range(model.time_steps):
+        carry, _ = body(carry, (cotangents[t], chosen[t]))
+        # Step t+1 starts only once step t's gradient is complete, so its activations are
+        # dead by then (else the scheduler may run every forward first).
+        carry = (_after(carry[0], carry[1]), carry[1])
+    return carry[1]
+
+
+def loss_value_and_grad(
+    model: nn.Module,
+    teacher: nn.Module | None,
+    options: LossOptions,
+    k: int | None,
+    params: Any,
+    batch_stats: Any,
+    images: jax.Array,
+    labels: jax.Array,
+    teacher_variables: Any,
+    key: jax.Array,
+) -> tuple[tuple[jax.Array, tuple[jax.Array, Any]], Any]:
+    """The train step's loss (`losses.objective`, distilling from `teacher` when given), its
+    aux (time-mean logits, new BN statistics) and its gradient by SLTT (`value_and_grad`)."""
+    target = teacher_logits(teacher, teacher_variables, images)
+    objective_fn = lambda z: objective(z, labels, options, target)
+    return value_and_grad(
+        model, objective_fn, params, batch_stats, images, per_step=options.per_step, key=key, k=k
+    )

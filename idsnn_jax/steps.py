@@ -1,11 +1,9 @@
 """The step layer: train state (with an optional EMA of the weights) and data-parallel steps.
 
-The steps are written per device, pmap-style, with explicit collectives over the mesh
-axis `batch`, and run with `jax.shard_map` over a 1-D mesh of all devices (what
-`jax.pmap` itself is built on now), of all processes when a run spans several
-(`idsnn_jax.distributed`). Gradients, metrics and BatchNorm statistics are averaged over
-devices, so N devices match one device with the same global batch. Everything a step needs
-arrives as arguments; the epoch loop lives in `train.py`.
+The steps are written per device with explicit collectives over the mesh axis `batch` and
+run with `jax.shard_map` over a 1-D mesh of all devices, of all processes when a run spans
+several. Gradients, metrics and BatchNorm statistics are averaged over devices, so N devices
+match one device with the same global batch.
 
 `shard_map` runs with `check_vma=False`: with it on, the gradient of a per-device loss
 with respect to replicated parameters comes back already summed over devices, and the
@@ -31,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 from idsnn_jax import energy, input_pipeline, sltt
 from idsnn_jax.augment import AugmentOptions, preprocess
 from idsnn_jax.datasets import DatasetInfo
-from idsnn_jax.losses import LossOptions, cross_entropy, objective
+from idsnn_jax.losses import LossOptions, cross_entropy, objective, teacher_logits
 from idsnn_jax.models import AXIS, firing_rates
 
 Batch = dict[str, jax.Array]
@@ -106,7 +104,7 @@ def _loss(
     images: jax.Array,
     labels: jax.Array,
     teacher_variables: Any,
-    key: jax.Array | None = None,  # unused: the signature of `_sltt_value_and_grad`
+    key: jax.Array | None = None,  # unused: the signature of `sltt.loss_value_and_grad`
 ) -> tuple[jax.Array, tuple[jax.Array, Any]]:
     """(loss, (student time-mean logits, new batch_stats)): `losses.objective` of the student,
     against the teacher run in eval mode (running BN statistics, no gradient) on the same
@@ -114,38 +112,32 @@ def _loss(
     variables = {"params": params, "batch_stats": batch_stats}
     kwargs = {"per_step": True} if options.per_step else {}
     logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"], **kwargs)
-    teacher_logits = None
-    if teacher is not None:
-        teacher_logits = teacher.apply(teacher_variables, images, train=False)
-        teacher_logits = jax.lax.stop_gradient(teacher_logits)
-    loss = objective(logits, labels, options, teacher_logits)
+    loss = objective(logits, labels, options, teacher_logits(teacher, teacher_variables, images))
     if options.per_step:
         logits = jnp.mean(logits, axis=0)
     return loss, (logits, updates["batch_stats"])
 
 
-def _sltt_value_and_grad(
-    model: nn.Module,
-    teacher: nn.Module | None,
-    options: LossOptions,
-    k: int | None,
-    params: Any,
+def _apply_grads(
+    state: TrainState,
+    grads: Any,
     batch_stats: Any,
-    images: jax.Array,
-    labels: jax.Array,
-    teacher_variables: Any,
-    key: jax.Array,
-) -> tuple[tuple[jax.Array, tuple[jax.Array, Any]], Any]:
-    """`_loss`'s value and its gradient by SLTT (`sltt.value_and_grad`) instead of BPTT."""
-    teacher_logits = None
-    if teacher is not None:
-        teacher_logits = jax.lax.stop_gradient(
-            teacher.apply(teacher_variables, images, train=False)
-        )
-    objective_fn = lambda z: objective(z, labels, options, teacher_logits)
-    return sltt.value_and_grad(
-        model, objective_fn, params, batch_stats, images, per_step=options.per_step, key=key, k=k
+    tx: optax.GradientTransformation,
+    ema_decay: float,
+) -> TrainState:
+    """The state after one optimizer step: parameters, BN statistics, the step count and,
+    with `ema_decay` > 0, the moving average."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
     )
+    if not ema_decay:
+        return new_state
+    now = {"params": new_state.params, "batch_stats": batch_stats}
+    return new_state.replace(ema=ema_update(state.ema, now, state.step, ema_decay))
 
 
 def make_train_step(
@@ -160,22 +152,18 @@ def make_train_step(
     gradient: str = "bptt",
     sltt_k: int | None = None,
 ) -> TrainStep:
-    """Per-device train step `(state, batch, teacher_variables) -> (state, metrics)`.
+    """Per-device train step `(state, batch, teacher_variables) -> (state, metrics)`, inside a
+    mapped axis named `batch`; `batch`: this device's uint8 images (b, H, W, C), labels (b,).
 
-    `batch` holds this device's uint8 images `(b, H, W, C)` and int labels `(b,)`;
-    augmentation (`augment`) runs here, each example's draw folded from (state.rng, step, its
-    index in the global batch): a resumed run, or the same run on another number of devices,
-    draws the same augmentations. The loss is `losses.objective` of `loss`: cross-entropy
-    without a `teacher`, with distillation from it (frozen variables `teacher_variables`)
-    otherwise. `ema_decay` > 0 also updates `state.ema` (`ema_update`). `gradient="sltt"`
-    takes SLTT's online gradient instead of BPTT's (`sltt.value_and_grad`; same forward,
-    loss and BatchNorm statistics), through `sltt_k` time steps drawn from the step's key
-    (None: all). Must run inside a mapped axis named `batch`.
-    """
+    Augmentation draws per example from (state.rng, step, its index in the global batch), so
+    a resumed run, or one on other devices, draws the same. The loss is `losses.objective`
+    (KD from `teacher`'s frozen `teacher_variables` when given); `ema_decay` > 0 updates
+    `state.ema`. `gradient="sltt"`: SLTT's online gradient (`sltt`; same forward, loss and
+    BN statistics) through `sltt_k` time steps drawn from the step's key (None: all)."""
     sltt.check_gradient_args(gradient=gradient, sltt_k=sltt_k)
     grad_fn = jax.value_and_grad(functools.partial(_loss, model, teacher, loss), has_aux=True)
     if gradient == "sltt":
-        grad_fn = functools.partial(_sltt_value_and_grad, model, teacher, loss, sltt_k)
+        grad_fn = functools.partial(sltt.loss_value_and_grad, model, teacher, loss, sltt_k)
 
     def train_step(state: TrainState, batch: Batch, teacher_variables: Any):
         images = preprocess(
@@ -195,17 +183,7 @@ def make_train_step(
             # One draw of SLTT's time steps on every device: N devices equal one.
             key=jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1),
         )
-        grads = jax.lax.pmean(grads, AXIS)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = state.replace(
-            step=state.step + 1,
-            params=optax.apply_updates(state.params, updates),
-            batch_stats=batch_stats,
-            opt_state=opt_state,
-        )
-        if ema_decay:
-            now = {"params": new_state.params, "batch_stats": batch_stats}
-            new_state = new_state.replace(ema=ema_update(state.ema, now, state.step, ema_decay))
+        new_state = _apply_grads(state, jax.lax.pmean(grads, AXIS), batch_stats, tx, ema_decay)
         correct = jnp.argmax(logits, -1) == batch["label"]
         metrics = {"loss": value, "accuracy": jnp.mean(correct.astype(jnp.float32))}
         return new_state, jax.lax.pmean(metrics, AXIS)

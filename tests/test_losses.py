@@ -7,7 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from idsnn_jax.losses import LossOptions, cross_entropy, idsnn_loss, kd_loss, objective
+from idsnn_jax.losses import (
+    LossOptions,
+    cross_entropy,
+    idsnn_loss,
+    kd_loss,
+    objective,
+    teacher_logits,
+)
 
 
 def np_log_softmax(z: np.ndarray) -> np.ndarray:
@@ -296,3 +303,18 @@ def test_objective_needs_per_step_logits_for_tet():
 def test_loss_options_name_the_bad_field(field, value):
     with pytest.raises(ValueError, match=f"^{field}="):
         LossOptions(**{field: value})
+
+
+def test_teacher_logits_is_the_eval_forward_without_gradient():
+    """The KD target: the teacher's eval-mode logits (running BN statistics), constant for
+    the gradient; no teacher, no target."""
+    from idsnn_jax.models import create_model
+
+    teacher = create_model("resnet18", num_classes=3, width=0.0625)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 3)), jnp.float32)
+    variables = teacher.init(jax.random.key(0), x)
+    got = teacher_logits(teacher, variables, x)
+    np.testing.assert_array_equal(got, teacher.apply(variables, x, train=False))
+    grads = jax.grad(lambda v: jnp.sum(teacher_logits(teacher, v, x) ** 2))(variables)
+    assert all(not np.any(g) for g in jax.tree.leaves(grads))
+    assert teacher_logits(None, variables, x) is None

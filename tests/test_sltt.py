@@ -185,7 +185,7 @@ def test_resnet_forward_loss_and_statistics_equal_the_default():
         (loss, (logits, stats)), bptt = jax.jit(jax.value_and_grad(default, has_aux=True))(
             v["params"], v["batch_stats"], x, y, None
         )
-        online = functools.partial(steps._sltt_value_and_grad, model, None, options, None)
+        online = functools.partial(sltt.loss_value_and_grad, model, None, options, None)
         (loss2, (logits2, stats2)), grads = jax.jit(online)(
             v["params"], v["batch_stats"], x, y, None, key=jax.random.key(0)
         )
@@ -211,7 +211,7 @@ def _gradient_peak(t: int, gradient: str) -> int:
     if gradient == "bptt":
         fn = jax.value_and_grad(functools.partial(steps._loss, model, None, options), has_aux=True)
         return _peak_bytes(lambda p, s: fn(p, s, x, y, None), v["params"], v["batch_stats"])
-    fn = functools.partial(steps._sltt_value_and_grad, model, None, options, None)
+    fn = functools.partial(sltt.loss_value_and_grad, model, None, options, None)
     key = jax.random.key(0)
     return _peak_bytes(lambda p, s: fn(p, s, x, y, None, key=key), v["params"], v["batch_stats"])
 
