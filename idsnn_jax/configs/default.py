@@ -12,6 +12,18 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
+    _data(config)
+    config.teacher = _teacher()
+    config.student = _student()
+    _method(config)
+    config.optimizer = _optimizer()
+    config.augment = _augment()
+    _run(config)
+    return config
+
+
+def _data(config: ml_collections.ConfigDict) -> None:
+    """The data, its batches and the compute dtype."""
     config.dataset = "cifar100"
     config.data_dir = ml_collections.config_dict.placeholder(str)  # None: default places, then TFDS
     config.seed = 0
@@ -31,38 +43,47 @@ def get_config() -> ml_collections.ConfigDict:
     # statistics and membrane potentials stay float32. "float32" everywhere is the reference.
     config.dtype = "auto"
 
-    config.teacher = ml_collections.ConfigDict()
-    config.teacher.model = "resnet34"
-    config.teacher.width = 1.0
-    config.teacher.num_epochs = 200
-    config.teacher.checkpoint = ""  # a trained teacher to reuse instead of stage 1
+
+def _teacher() -> ml_collections.ConfigDict:
+    teacher = ml_collections.ConfigDict()
+    teacher.model = "resnet34"
+    teacher.width = 1.0
+    teacher.num_epochs = 200
+    teacher.checkpoint = ""  # a trained teacher to reuse instead of stage 1
     # Each stage's training budget: the first that many training examples. None: the global
     # max_train_examples. So a teacher may see all the data while the students see a subset
     # (the baseline is a student stage: it has the students' budget).
-    config.teacher.max_train_examples = ml_collections.config_dict.placeholder(int)
+    teacher.max_train_examples = ml_collections.config_dict.placeholder(int)
+    return teacher
 
-    config.student = ml_collections.ConfigDict()
-    config.student.model = "spiking_resnet18"
-    config.student.width = 1.0
-    config.student.time_steps = 4
-    config.student.num_epochs = 200
-    config.student.max_train_examples = ml_collections.config_dict.placeholder(int)
-    config.student.stem_padding = 1  # 3 reproduces the reference SNN stem (36x36 maps)
+
+def _student() -> ml_collections.ConfigDict:
+    student = ml_collections.ConfigDict()
+    student.model = "spiking_resnet18"
+    student.width = 1.0
+    student.time_steps = 4
+    student.num_epochs = 200
+    student.max_train_examples = ml_collections.config_dict.placeholder(int)
+    student.stem_padding = 1  # 3 reproduces the reference SNN stem (36x36 maps)
     # Memory-saving BPTT, exact gradients (README "Training memory"): recompute each block in
     # the backward pass; keep what the backward needs of spikes as bits, not float32.
-    config.student.remat = False
-    config.student.pack_spikes = False
+    student.remat = False
+    student.pack_spikes = False
     # The student's gradient: "bptt" (exact, the reference) or "sltt" (online: no gradient
     # along time, memory independent of T; README "Training memory"); sltt_k: the time steps
     # drawn per batch for SLTT's backward (None: all T).
-    config.student.gradient = "bptt"
-    config.student.sltt_k = ml_collections.config_dict.placeholder(int)
-    config.student.neuron = ml_collections.ConfigDict()
-    config.student.neuron.decay = 0.25
-    config.student.neuron.v_th = 0.5
-    config.student.neuron.surrogate = "rect"
-    config.student.neuron.surrogate_width = 0.5
+    student.gradient = "bptt"
+    student.sltt_k = ml_collections.config_dict.placeholder(int)
+    student.neuron = ml_collections.ConfigDict()
+    student.neuron.decay = 0.25
+    student.neuron.v_th = 0.5
+    student.neuron.surrogate = "rect"
+    student.neuron.surrogate_width = 0.5
+    return student
 
+
+def _method(config: ml_collections.ConfigDict) -> None:
+    """IDSNN's switches: initialization from the teacher and distillation, and the losses."""
     config.init_from_teacher = True
     config.block_map = "first"
     config.copy_shortcut = False
@@ -79,22 +100,31 @@ def get_config() -> ml_collections.ConfigDict:
     config.ema_decay = 0.0
     config.compare_baseline = False  # also train an SNN without init and KD, for contrast
 
-    config.optimizer = ml_collections.ConfigDict()
-    config.optimizer.learning_rate = 0.05
-    config.optimizer.momentum = 0.9
-    config.optimizer.weight_decay = 1e-4
-    config.optimizer.lr_milestones = (60, 120, 160)
-    config.optimizer.lr_interval = 0  # > 0: step every lr_interval epochs instead
-    config.optimizer.lr_gamma = 0.1
-    config.optimizer.schedule = "step"  # "cosine": to 0 at the last step, milestones unused
-    config.optimizer.warmup_epochs = 0  # linear warm-up before either schedule
 
-    config.augment = ml_collections.ConfigDict()
-    config.augment.crop_padding = 4
-    config.augment.flip = True
-    config.augment.cutout = 0  # side of the square zeroed after normalization (pixels; 0: off)
-    config.augment.auto_augment = False  # one random op of augment_ops.OPS per example
+def _optimizer() -> ml_collections.ConfigDict:
+    optimizer = ml_collections.ConfigDict()
+    optimizer.learning_rate = 0.05
+    optimizer.momentum = 0.9
+    optimizer.weight_decay = 1e-4
+    optimizer.lr_milestones = (60, 120, 160)
+    optimizer.lr_interval = 0  # > 0: step every lr_interval epochs instead
+    optimizer.lr_gamma = 0.1
+    optimizer.schedule = "step"  # "cosine": to 0 at the last step, milestones unused
+    optimizer.warmup_epochs = 0  # linear warm-up before either schedule
+    return optimizer
 
+
+def _augment() -> ml_collections.ConfigDict:
+    augment = ml_collections.ConfigDict()
+    augment.crop_padding = 4
+    augment.flip = True
+    augment.cutout = 0  # side of the square zeroed after normalization (pixels; 0: off)
+    augment.auto_augment = False  # one random op of augment_ops.OPS per example
+    return augment
+
+
+def _run(config: ml_collections.ConfigDict) -> None:
+    """Checkpoints, logging, dispatch and what evaluation counts."""
     config.checkpoint_keep = 2  # newest saved epochs kept in <workdir>/<stage> (+ the best)
     config.checkpoint_every_epochs = 1  # the last epoch and the best one are always saved
     config.log_every_steps = 50
@@ -105,4 +135,3 @@ def get_config() -> ml_collections.ConfigDict:
     # Evaluation counts SOPs and MACs per image and layer and estimates the energy with these
     # per-operation costs (energy.PRESETS: 45nm_fp32, 45nm_fp16, 45nm_int8); "": no counts.
     config.energy = "45nm_fp32"
-    return config
