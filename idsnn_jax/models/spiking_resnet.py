@@ -5,9 +5,21 @@ Activations arrive time-folded, `(T * B, H, W, C)`; the `LIF` module unfolds the
 only in the scan carry, so nothing needs resetting between batches. tdBN is the folded
 BatchNorm of `resnet.py` with its scale initialized to `v_th`.
 
-Memory-saving BPTT (exact gradients, off by default): `pack_spikes=True` makes each LIF keep
-bits for its backward pass (`lif_scan(packed=True)`) and each conv whose input is spikes keep
-that input as bits (`SpikeConv`); `remat=True` recomputes each block in the backward pass.
+Memory-saving BPTT (exact gradients, off by default); each option leaves the forward, the
+gradients (up to float rounding) and the parameter tree as they are:
+  - `remat`: recompute each residual block and the stem in the backward pass with `nn.remat`
+    (`resnet.REMAT_POLICIES[remat_policy]` decides what is kept inside a block; the convs are
+    not dots, so the dot policies keep what `nothing_saveable` keeps). Each block's float32
+    input is kept. XLA:CPU folds the recomputation back into the forward pass (CSE), so on
+    CPU this alone saves nothing.
+  - `pack_spikes`: each LIF keeps 2 bits per neuron and step for its backward (rect
+    surrogate; smooth surrogates also keep u in float32: `lif_scan(packed=True)`), and each
+    conv whose input is spikes keeps that input as bits (`SpikeConv`). BatchNorm's float32
+    input (the conv output) is still kept.
+  - both: a standard block's input is spikes, so each block is rematerialized from its input
+    packed into bits (`remat_from_bits`): between blocks only bits are kept, and the next
+    conv's input is recomputed from them. SEW blocks (input a sum of spikes) fall back to
+    `nn.remat` with packed LIFs inside.
 """
 
 from __future__ import annotations
@@ -206,36 +218,14 @@ def spiking_resnet(
 ) -> ResNet:
     """Builds a Spiking ResNet (reference defaults: T=4, decay 0.25, v_th 0.5, rect a=0.5).
 
-    `stem_padding=3` reproduces the reference SNN stem exactly (36x36 maps for 32x32 input).
-
-    Training-memory options; each leaves the forward, the gradients (up to float rounding)
-    and the parameter tree as they are (measured in `experiments/memory_bptt.py`):
-      - `remat`: recompute each residual block and the stem in the backward pass with
-        `nn.remat` (`resnet.REMAT_POLICIES[remat_policy]` decides what is kept inside a
-        block; the convs are not dots, so the dot policies keep what `nothing_saveable`
-        keeps). Each block's float32 input is kept. XLA:CPU folds the recomputation back
-        into the forward pass (CSE), so on CPU this alone saves nothing.
-      - `pack_spikes`: each LIF keeps 2 bits per neuron and step for its backward (rect
-        surrogate; smooth surrogates also keep u in float32), and each conv whose input is
-        spikes keeps that input as bits instead of float32. BatchNorm's float32 input (the
-        conv output) is still kept.
-      - both: a standard block's input is spikes, so each block is rematerialized from its
-        input packed into bits (`remat_from_bits`): between blocks only bits are kept, and
-        the next conv's input is recomputed from them. SEW blocks (input a sum of spikes)
-        fall back to `nn.remat` with packed LIFs inside.
+    `stem_padding=3` reproduces the reference SNN stem exactly (36x36 maps for 32x32 input);
+    `remat` and `pack_spikes` save training memory (module docstring).
     """
     if not (isinstance(time_steps, int) and time_steps >= 1):
         raise ValueError(f"time_steps={time_steps!r} must be an integer >= 1")
-    check_neuron_args(surrogate=surrogate, surrogate_width=surrogate_width, v_th=v_th, decay=decay)
-    act = functools.partial(
-        LIF,
-        time_steps=time_steps,
-        decay=decay,
-        v_th=v_th,
-        surrogate=surrogate,
-        surrogate_width=surrogate_width,
-        pack_spikes=pack_spikes,
-    )
+    neuron = dict(decay=decay, v_th=v_th, surrogate=surrogate, surrogate_width=surrogate_width)
+    check_neuron_args(**neuron)
+    act = functools.partial(LIF, time_steps=time_steps, pack_spikes=pack_spikes, **neuron)
     return ResNet(
         stage_sizes=stage_sizes,
         block_cls=block_cls,
