@@ -84,36 +84,14 @@ def measure(time_steps: int, variant: str) -> dict:
     labels = jnp.asarray(rng.integers(0, _CLASSES.value, _BATCH.value))
     variables = jax.jit(model.init)(jax.random.key(0), images)
 
-    def loss_fn(params, batch_stats, x, y):
-        logits, updated = model.apply(
-            {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
-        )
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return loss, updated["batch_stats"]
-
-    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
-    if variant.startswith("sltt"):
-
-        def online(params, batch_stats, x, y):
-            objective = lambda z: optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
-            (loss, (_, stats)), grads = sltt.value_and_grad(
-                model, objective, params, batch_stats, x
-            )
-            return (loss, stats), grads
-
-        grad_fn = jax.jit(online)
+    grad_fn, loss_fn = _grad_fn(model, variant)
     args = (variables["params"], variables["batch_stats"], images, labels)
     t0 = time.perf_counter()
     compiled = grad_fn.lower(*args).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     residual_bytes = None if variant.startswith("sltt") else _residual_bytes(loss_fn, args)
-    jax.block_until_ready(compiled(*args))  # warm-up
-    times = []
-    for _ in range(_STEPS.value):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
+    times = _step_times(compiled, args)
     temp = int(mem.temp_size_in_bytes)
     arg, out = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
     return {
@@ -137,6 +115,39 @@ def measure(time_steps: int, variant: str) -> dict:
         "device": str(jax.devices()[0].device_kind),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores visible",
     }
+
+
+def _grad_fn(model, variant: str):
+    """(jitted (params, batch_stats, x, y) -> ((loss, new stats), grads), the BPTT loss
+    function): the CE gradient by BPTT, or by SLTT for the sltt variants."""
+
+    def loss_fn(params, batch_stats, x, y):
+        logits, updated = model.apply(
+            {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+        )
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss, updated["batch_stats"]
+
+    if not variant.startswith("sltt"):
+        return jax.jit(jax.value_and_grad(loss_fn, has_aux=True)), loss_fn
+
+    def online(params, batch_stats, x, y):
+        objective = lambda z: optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
+        (loss, (_, stats)), grads = sltt.value_and_grad(model, objective, params, batch_stats, x)
+        return (loss, stats), grads
+
+    return jax.jit(online), loss_fn
+
+
+def _step_times(compiled, args) -> list[float]:
+    """Seconds of each of `--steps` calls, after one warm-up call."""
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(_STEPS.value):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def _residual_bytes(loss_fn, args) -> int | None:
