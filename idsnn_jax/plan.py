@@ -166,12 +166,12 @@ def _fit_options(config: ml_collections.ConfigDict, role: str) -> FitOptions:
     return from_config(FitOptions, config, keys, optimizer=optimizer, loss=loss, augment=augment)
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'student.neuron.v_th': 0.5, ...} of a nested dict."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            out.update(flatten(value, f"{prefix}{key}."))
+            out.update(dotted(value, f"{prefix}{key}."))
         else:
             out[prefix + key] = value
     return out
@@ -180,8 +180,8 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _check_types(config: ml_collections.ConfigDict) -> None:
     """None only where the reference recipe allows it (ConfigDict takes None for any field);
     every float finite. So no builder meets a None or an inf."""
-    reference = flatten(default.get_config().to_dict())
-    for key, value in flatten(config.to_dict()).items():
+    reference = dotted(default.get_config().to_dict())
+    for key, value in dotted(config.to_dict()).items():
         if value is None and reference.get(key) is not None:
             expected = f"a {type(reference[key]).__name__}"
             raise ValueError(f"config.{key}=None is invalid: expected {expected}")

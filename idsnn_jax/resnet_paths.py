@@ -49,7 +49,7 @@ NO_COUNTERPART: dict[tuple[str, str], str] = {
 }
 
 
-def flatten(tree: Any) -> tuple[list[str], list[Any], Any]:
+def leaf_paths(tree: Any) -> tuple[list[str], list[Any], Any]:
     """Paths ("a/b/c"), leaves and treedef of a nested-dict pytree (dict or FrozenDict)."""
     with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
     paths = ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in with_path]

@@ -21,7 +21,7 @@ from idsnn_jax import files
 from idsnn_jax.checkpoints import has_checkpoint, load_variables
 from idsnn_jax.datasets import dataset_info
 from idsnn_jax.logs import logger
-from idsnn_jax.plan import ROLES, build_model, data_shards, flatten, train_examples
+from idsnn_jax.plan import ROLES, build_model, data_shards, dotted, train_examples
 from idsnn_jax.precision import compute_dtype
 
 CONFIG_FILE = "config.json"
@@ -111,10 +111,10 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
         logger.warning("%s has checkpoints but no %s to check them against", workdir, CONFIG_FILE)
         return
     what = "it records the run's config: restore it, or delete it to resume without the check"
-    old = ADDED_KEYS | flatten(files.read_json(path, what))
+    old = ADDED_KEYS | dotted(files.read_json(path, what))
     for key, source in ADDED_FROM.items():
         old.setdefault(key, old.get(source))
-    new = flatten(config_record(config))
+    new = dotted(config_record(config))
     if old.get("dtype") == "auto":  # recorded before the resolved dtype was
         old["dtype"] = new["dtype"]
     absent = "<absent>"

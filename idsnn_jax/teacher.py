@@ -8,12 +8,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
-
 from idsnn_jax import files, torch_import
 from idsnn_jax.checkpoints import load_variables, locate, saved_shapes
 from idsnn_jax.logs import logger
 from idsnn_jax.plan import TeacherSpec
+from idsnn_jax.resnet_paths import leaf_paths
 from idsnn_jax.resume import CONFIG_FILE
 
 
@@ -83,8 +82,5 @@ def _check_shapes(spec: TeacherSpec, dataset: str, variables: Any, expected: Any
 
 def _shapes(tree: Any) -> list[tuple[str, tuple]]:
     """(path 'params/stem/conv/kernel', (shape, dtype)) of every leaf of `tree`."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return [
-        ("/".join(str(getattr(k, "key", k)) for k in p), (tuple(x.shape), str(x.dtype)))
-        for p, x in leaves
-    ]
+    paths, leaves, _ = leaf_paths(tree)
+    return [(p, (tuple(x.shape), str(x.dtype))) for p, x in zip(paths, leaves, strict=True)]

@@ -42,7 +42,7 @@ from idsnn_jax.resnet_paths import (
     BlockMap,
     block_table,
     common_kind,
-    flatten,
+    leaf_paths,
     source_path,
     split_path,
 )
@@ -196,8 +196,8 @@ def _plan(
     why it is kept, ``_entry`` checks that source leaf and its shape; ``strict`` raises on
     the leaves that failed that check.
     """
-    src_paths, src_leaves, _ = flatten(source)
-    dst_paths, dst_leaves, treedef = flatten(target)
+    src_paths, src_leaves, _ = leaf_paths(source)
+    dst_paths, dst_leaves, treedef = leaf_paths(target)
     kind = common_kind(source, target, src_paths, dst_paths)
     block_of = block_table(src_paths, dst_paths, kind, options.block_map)
     src = dict(zip(src_paths, src_leaves, strict=True))

@@ -15,7 +15,7 @@ import summarize
 
 from idsnn_jax import datasets
 from idsnn_jax.configs import cifar100, fashion_mnist_modern, tiny
-from idsnn_jax.plan import flatten as _flatten
+from idsnn_jax.plan import dotted
 
 pytestmark = pytest.mark.slow  # subprocesses or whole pipelines: not in the fast lane
 
@@ -272,8 +272,8 @@ def test_recipe_runs_in_priority_order_with_the_overrides():
     assert (config.optimizer.schedule, config.optimizer.warmup_epochs) == ("step", 0)
     changed = {
         k
-        for k in _flatten(config.to_dict())
-        if _flatten(config.to_dict())[k] != _flatten(base.to_dict())[k]
+        for k in dotted(config.to_dict())
+        if dotted(config.to_dict())[k] != dotted(base.to_dict())[k]
     }
     assert changed == {
         "seed",

@@ -26,9 +26,9 @@ def _paths(stage_sizes, bottleneck=False, shortcut_stages=(2, 3, 4)) -> list[str
 RESNET34, RESNET18 = _paths((3, 4, 6, 3)), _paths((2, 2, 2, 2))
 
 
-def test_flatten_gives_slash_paths_in_tree_order():
+def test_leaf_paths_are_slash_paths_in_tree_order():
     tree = {"params": {"stem": {"conv": {"kernel": 1}}, "head": {"bias": 2, "kernel": 3}}}
-    paths, leaves, _ = rp.flatten(tree)
+    paths, leaves, _ = rp.leaf_paths(tree)
     assert paths == ["params/head/bias", "params/head/kernel", "params/stem/conv/kernel"]
     assert leaves == [2, 3, 1]
 
