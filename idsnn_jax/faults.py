@@ -30,6 +30,7 @@ import collections
 import errno
 import os
 import signal
+import time
 from typing import Any
 
 import jax
@@ -43,6 +44,7 @@ _ERRORS = {"ENOSPC": errno.ENOSPC, "EROFS": errno.EROFS}
 _hits: collections.Counter[str] = collections.Counter()
 _stop: list[int] = []  # the signal that asked this process to stop (at most one)
 _previous: dict[int, Any] = {}
+_NOTICE_S = 2.0  # pause after an injected stop signal with several processes (seconds)
 _points = 0  # safe points passed: the step id every process gives JAX's preemption sync
 
 
@@ -122,3 +124,8 @@ def _inject(spec: str, name: str, path: str = "") -> None:
     if name == "write":
         raise OSError(_ERRORS[kind], os.strerror(_ERRORS[kind]), path)
     os.kill(os.getpid(), _SIGNALS[kind or "KILL"])  # runs a Python handler before returning
+    if jax.process_count() > 1:
+        # JAX's preemption notice reaches the coordinator asynchronously; pausing here (the
+        # other processes wait in this step's all-reduce) lets an injected stop land at the
+        # next safe points however fast the steps run, as a real SIGTERM between steps would.
+        time.sleep(_NOTICE_S)
