@@ -169,12 +169,16 @@ def _start(workdir, data_dir, devices: int, log, *flags: str, fault: str = "") -
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err)
 
 
-def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
-    """Exit statuses; once one fails or time runs out the others are killed (a process of a
-    distributed run whose peer died would wait for it)."""
+def _wait_all(
+    procs: list[subprocess.Popen], timeout: float, expected: list[int] | None = None
+) -> list[int]:
+    """Exit statuses; once one ends otherwise than `expected` (default: all 0) or time runs
+    out the others are killed (a process of a distributed run whose peer died would wait for
+    it). A process stopped on purpose (143) must not end the wait for the others."""
+    expected = expected or [0] * len(procs)
     deadline = time.monotonic() + timeout
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-        if any(p.returncode not in (None, 0) for p in procs):
+        if any(p.returncode not in (None, e) for p, e in zip(procs, expected, strict=True)):
             break
         time.sleep(0.5)
     for p in procs:
@@ -255,7 +259,7 @@ def test_cli_on_2_and_4_devices_and_2_processes_equals_1_device(data_fashion_mni
     procs = _two_processes(tmp_path, data, common, "stopped", fault="train_call:8:TERM")
     for name, (devices, *flags) in singles.items():
         procs.append(_start(tmp_path / name, data, devices, tmp_path / name, *common, *flags))
-    codes = _wait_all(procs, timeout=600)
+    codes = _wait_all(procs, timeout=600, expected=[143, 143, 0, 0, 0])
     logs = _logs(tmp_path, ["stopped0", "stopped1", *singles])
     assert codes == [143, 143, 0, 0, 0], {name: log[-3000:] for name, log in logs.items()}
     for p in range(2):
