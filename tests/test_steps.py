@@ -88,16 +88,23 @@ def _run_steps(mesh, student, teacher, num_steps: int = 3, steps_per_call: int =
     return jax.device_get(state), losses
 
 
+def _four_equal_one(student, teacher, **kw):
+    """Runs the steps on 1 device and on all 4; asserts equal losses, parameters and BN
+    statistics (and the EMA when kept); returns the 1-device (state, losses)."""
+    one, losses_one = _run_steps(steps.create_mesh(jax.devices()[:1]), student, teacher, **kw)
+    four, losses_four = _run_steps(steps.create_mesh(), student, teacher, **kw)
+    np.testing.assert_allclose(losses_four, losses_one, rtol=1e-5)
+    for field in ("params", "batch_stats", "ema"):
+        chex.assert_trees_all_close(getattr(four, field), getattr(one, field), atol=1e-5, rtol=1e-4)
+    return one, losses_one
+
+
 @pytest.mark.slow
 def test_four_devices_equal_one_device():
     assert jax.device_count() == 4, "conftest sets 4 fake CPU devices"
     student, teacher = _models()
-    one, losses_one = _run_steps(steps.create_mesh(jax.devices()[:1]), student, teacher)
-    four, losses_four = _run_steps(steps.create_mesh(), student, teacher)
+    one, losses_one = _four_equal_one(student, teacher)
     assert len(losses_one) == 3
-    np.testing.assert_allclose(losses_four, losses_one, rtol=1e-5)
-    chex.assert_trees_all_close(four.params, one.params, atol=1e-5, rtol=1e-4)
-    chex.assert_trees_all_close(four.batch_stats, one.batch_stats, atol=1e-5, rtol=1e-4)
     # The step really trained: parameters moved away from the initialization.
     init = init_variables(student, INFO, 0)["params"]
     moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), one.params, init)
@@ -110,11 +117,7 @@ def test_four_devices_equal_one_device_with_the_modern_options():
     augmentations are keyed per global example), EMA included; and the options change the
     training (the losses differ from the reference recipe's)."""
     student, teacher = _models()
-    one, losses_one = _run_steps(steps.create_mesh(jax.devices()[:1]), student, teacher, **MODERN)
-    four, losses_four = _run_steps(steps.create_mesh(), student, teacher, **MODERN)
-    np.testing.assert_allclose(losses_four, losses_one, rtol=1e-5)
-    chex.assert_trees_all_close(four.params, one.params, atol=1e-5, rtol=1e-4)
-    chex.assert_trees_all_close(four.ema, one.ema, atol=1e-5, rtol=1e-4)
+    _, losses_one = _four_equal_one(student, teacher, **MODERN)
     _, reference = _run_steps(steps.create_mesh(jax.devices()[:1]), student, teacher)
     assert abs(losses_one[0] - reference[0]) > 1e-3
 
@@ -276,12 +279,7 @@ def test_sltt_step_four_devices_equal_one_device():
     """`gradient='sltt'` with k < T: every device draws the same time steps from the step's
     key, so 4 devices train as 1; and the step trains differently from BPTT."""
     student, teacher = _models()
-    kw = dict(gradient="sltt", sltt_k=1)
-    one, losses_one = _run_steps(steps.create_mesh(jax.devices()[:1]), student, teacher, **kw)
-    four, losses_four = _run_steps(steps.create_mesh(), student, teacher, **kw)
-    np.testing.assert_allclose(losses_four, losses_one, rtol=1e-5)
-    chex.assert_trees_all_close(four.params, one.params, atol=1e-5, rtol=1e-4)
-    chex.assert_trees_all_close(four.batch_stats, one.batch_stats, atol=1e-5, rtol=1e-4)
+    _, losses_one = _four_equal_one(student, teacher, gradient="sltt", sltt_k=1)
     bptt, losses_bptt = _run_steps(steps.create_mesh(jax.devices()[:1]), student, teacher)
     assert losses_bptt[0] == pytest.approx(losses_one[0], rel=1e-6)  # same first forward
     assert abs(losses_bptt[-1] - losses_one[-1]) > 1e-4
