@@ -17,6 +17,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from idsnn_jax.report import text_table  # noqa: F401 (the console table; one copy, the package's)
+
 SUMMARY_FILE = "summary.json"  # what `pipeline.run` writes at the end of a run
 
 
@@ -57,13 +59,6 @@ def mean_std(values: list[float]) -> dict[str, float]:
     """Mean and sample standard deviation (0 for one value)."""
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return {"mean": statistics.fmean(values), "std": std}
-
-
-def text_table(header: list[str], lines: list[list[str]]) -> str:
-    """Left-aligned columns under `header` and a rule (for the console)."""
-    widths = [max(len(x) for x in col) for col in zip(header, *lines, strict=True)]
-    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(x) for x in lines])
 
 
 def markdown_table(header: list[str] | None, lines: list[list[str]]) -> str:

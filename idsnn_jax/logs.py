@@ -117,6 +117,15 @@ def epochs_by_stage(records: list[dict[str, Any]]) -> dict[str, list[dict[str, A
     return {stage: [by_epoch[e] for e in sorted(by_epoch)] for stage, by_epoch in stages.items()}
 
 
+FIRING_RATE_PREFIX = "firing_rate/"  # of each spiking layer's rate in a record
+
+
+def mean_firing_rate(record: dict[str, Any]) -> float | None:
+    """The mean over spiking layers of a record's `firing_rate/<layer>` (None: no spikes)."""
+    rates = [v for k, v in record.items() if k.startswith(FIRING_RATE_PREFIX)]
+    return sum(rates) / len(rates) if rates else None
+
+
 # What the console shows of an epoch's record, in this order (the rest is in the files).
 _SHOWN = (
     ("test_accuracy", "test top-1 {:.2%}"),
@@ -124,7 +133,7 @@ _SHOWN = (
     ("train_accuracy", "train {:.2%}"),
     ("train_loss", "train loss {:.3f}"),
     ("lr", "lr {:.3g}"),
-    ("firing_rate/", "firing {:.1%}"),  # the mean over layers
+    (FIRING_RATE_PREFIX, "firing {:.1%}"),  # the mean over layers
     ("test_energy_uj", "{:.3g} uJ/image"),
     ("images_per_sec", "{:.0f} img/s"),
     ("epoch_seconds", "{:.0f} s"),
@@ -136,11 +145,7 @@ def epoch_line(stage: str, epoch: int, metrics: dict[str, Any]) -> str:
     the mean firing rate over layers, energy per test image, throughput, seconds."""
     parts = []
     for key, fmt in _SHOWN:
-        if key.endswith("/"):
-            values = [v for k, v in metrics.items() if k.startswith(key)]
-            value = sum(values) / len(values) if values else None
-        else:
-            value = metrics.get(key)
+        value = mean_firing_rate(metrics) if key == FIRING_RATE_PREFIX else metrics.get(key)
         if value is not None:
             parts.append(fmt.format(value))
     return f"[{stage}] epoch {epoch}: {', '.join(parts)}"

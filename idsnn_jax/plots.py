@@ -15,10 +15,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from idsnn_jax import files
+from idsnn_jax.logs import FIRING_RATE_PREFIX
 
 Records = list[dict[str, Any]]
 _STAGE_COLORS = {"teacher": "C0", "student": "C1", "baseline": "C2"}
-FIRING_RATE_PREFIX = "firing_rate/"
 
 
 def stage_color(stage: str, index: int) -> str:

@@ -20,9 +20,7 @@ from typing import Any
 
 import ml_collections
 
-from idsnn_jax.logs import epochs_by_stage
-
-FIRING_RATE_PREFIX = "firing_rate/"
+from idsnn_jax.logs import epochs_by_stage, mean_firing_rate
 
 
 def _budget(n: int | None) -> str:
@@ -50,11 +48,6 @@ def config_line(config: ml_collections.ConfigDict, workdir: str) -> str:
     if config.compare_baseline:
         parts.append("baseline SNN (no init, no KD) alike")
     return "; ".join(parts) + f". All settings: {os.path.join(workdir, 'config.json')}"
-
-
-def _mean_firing_rate(record: dict[str, Any]) -> float | None:
-    rates = [v for k, v in record.items() if k.startswith(FIRING_RATE_PREFIX)]
-    return sum(rates) / len(rates) if rates else None
 
 
 def stage_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -86,7 +79,7 @@ def stage_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "top1": float(record["test_accuracy"]),
                 "gain": None if target is None else float(record["test_accuracy"]) - target,
                 "epochs_to_baseline": reached[0] if reached else None,
-                "firing_rate": _mean_firing_rate(record),
+                "firing_rate": mean_firing_rate(record),
                 "energy_uj": energy_uj,
                 "energy_ratio": (
                     energy_uj / teacher_energy if energy_uj and teacher_energy else None
@@ -120,6 +113,11 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
         ]
         for r in rows
     ]
+    return text_table(header, lines)
+
+
+def text_table(header: list[str], lines: list[list[str]]) -> str:
+    """Left-aligned columns under `header` and a rule (for the console)."""
     widths = [max(len(x) for x in col) for col in zip(header, *lines, strict=True)]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(x) for x in lines])
