@@ -161,7 +161,7 @@ def _load_data(plan: RunPlan) -> tuple[dict[str, tuple[Split, str]], Split]:
     where["process_count"] = jax.process_count()
     train_rows = functools.partial(input_pipeline.train_rows, num_shards=data.shards, **where)
     load = functools.partial(load_split, data.dataset, data_dir=data.data_dir)
-    budgets = plan.train_examples or {"student": None}
+    budgets = plan.train_examples  # every role that trains; the student always
     loaded = {
         n: load("train", max_examples=n, rows=train_rows) for n in dict.fromkeys(budgets.values())
     }
