@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from idsnn_jax.models.resnet import BasicBlock, Bottleneck, ResNet, torch_default_init
-from idsnn_jax.neuron import check_neuron_args, lif_scan, pack_bits, spike, unpack_bits
+from idsnn_jax.neuron import check_neuron_args, lif_scan, lif_step, pack_bits, unpack_bits
 from idsnn_jax.precision import wide
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
@@ -187,14 +187,15 @@ class LIF(nn.Module):
         """One time step of `lif_scan` on currents `x` (B, ...), whatever `time_steps`, from
         the membrane potential `u[t-1]` in the `membrane` collection (zeros when absent),
         which it replaces by `u[t]` (float32) when that collection is mutable. `u[t-1]`
-        enters as a constant: no gradient flows along time (`sltt`). Same arithmetic as
-        `lif_step`, so the same spikes."""
+        enters as a constant: no gradient flows along time (`sltt`). `lif_step` itself, so
+        the same spikes."""
         state = self.variable(MEMBRANE, "u", lambda: jnp.zeros(x.shape, wide(x).dtype))
         u_prev = jax.lax.stop_gradient(state.value)
         s_prev = (u_prev - self.v_th > 0).astype(u_prev.dtype)  # = spike(u_prev - v_th)
-        u = self.decay * u_prev * (1.0 - s_prev) + wide(x)
+        neuron = dict(decay=self.decay, v_th=self.v_th, surrogate=self.surrogate)
+        (u, s), _ = lif_step((u_prev, s_prev), wide(x), **neuron, width=self.surrogate_width)
         state.value = u
-        return spike(u - self.v_th, self.surrogate, self.surrogate_width).astype(x.dtype)
+        return s.astype(x.dtype)
 
 
 def spiking_resnet(
