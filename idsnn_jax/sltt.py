@@ -45,6 +45,7 @@ import jax.numpy as jnp
 
 from idsnn_jax.checks import is_int
 from idsnn_jax.losses import LossOptions, objective, teacher_logits
+from idsnn_jax.models.memory import fence
 from idsnn_jax.models.spiking_resnet import MEMBRANE
 
 GRADIENTS = ("bptt", "sltt")
@@ -59,14 +60,6 @@ def check_gradient_args(*, gradient: str, sltt_k: int | None) -> None:
         raise ValueError(f"sltt_k={sltt_k!r} is invalid: expected {expected}")
     if sltt_k is not None and gradient != "sltt":
         raise ValueError(f"sltt_k={sltt_k!r} is invalid: expected None with gradient={gradient!r}")
-
-
-def _after(tree: Any, grads: Any) -> Any:
-    """`tree`, made to depend on every leaf of `grads`: a scheduling fence (see
-    `spiking_resnet._after`); NaN gradients make it zeros, and the step's gradient is NaN
-    anyway."""
-    first = sum(jnp.sum(g.reshape(-1)[:1]) for g in jax.tree.leaves(grads))
-    return jax.tree.map(lambda x: jnp.where(first == first, x, jnp.zeros_like(x)), tree)
 
 
 def chosen_steps(key: jax.Array, time_steps: int, k: int | None) -> jax.Array:
@@ -192,7 +185,7 @@ def _pass2(
         carry, _ = body(carry, (cotangents[t], chosen[t]))
         # Step t+1 starts only once step t's gradient is complete, so its activations are
         # dead by then (else the scheduler may run every forward first).
-        carry = (_after(carry[0], carry[1]), carry[1])
+        carry = (fence(carry[0], carry[1]), carry[1])
     return carry[1]
 
 

@@ -50,6 +50,27 @@ def conv2d(x: np.ndarray, kernel: np.ndarray, stride: int = 1, pad: int | None =
     return out
 
 
+def conv2d_vjp(x, kernel, g, stride: int = 1, pad: int | None = None):
+    """Gradients ``(dx, dkernel)`` of ``sum(conv2d(x, kernel, stride, pad) * g)``, float64."""
+    x, kernel, g = (np.asarray(a, np.float64) for a in (x, kernel, g))
+    n, h, w, _ = x.shape
+    kh, kw, _, _ = kernel.shape
+    pad = kh // 2 if pad is None else pad
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    dxp, dkernel = np.zeros_like(xp), np.zeros_like(kernel)
+    ho, wo = g.shape[1:3]
+    for i in range(kh):
+        for j in range(kw):
+            window = (
+                slice(None),
+                slice(i, i + stride * ho, stride),
+                slice(j, j + stride * wo, stride),
+            )
+            dkernel[i, j] = np.einsum("nhwc,nhwd->cd", xp[window], g)
+            dxp[window] += g @ kernel[i, j].T
+    return dxp[:, pad : pad + h, pad : pad + w], dkernel
+
+
 def moments(x: np.ndarray):
     """Per-channel mean and (biased) variance over every axis but the last."""
     x = np.asarray(x, np.float64)

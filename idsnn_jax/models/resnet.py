@@ -23,9 +23,8 @@ from idsnn_jax.precision import wide
 BN_EPSILON = 1e-5  # every BatchNorm's epsilon (PyTorch's default)
 ModuleDef = Callable[..., nn.Module]
 
-# What `remat=True` keeps inside a block (everything else is recomputed in the backward pass).
-# The convs are `conv_general_dilated`, not dots, so the dot policy keeps only the (absent)
-# matmuls: in these blocks it saves about what `nothing_saveable` saves.
+# What `remat=True` keeps inside a block (the rest is recomputed in the backward pass). The
+# convs are not dots, so the dot policy keeps about what `nothing_saveable` keeps.
 REMAT_POLICIES: dict[str, Any] = {
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -84,10 +83,9 @@ class Block(nn.Module):
     """What both residual blocks share: their fields and the residual merge.
 
     A block outputs `features * expansion` channels. `spike_conv`, when given, is the conv
-    factory for convs whose input is exactly 0/1 (a spiking network's LIF outputs): it may
-    store that input as bits for the backward pass (`pack_spikes`). It serves every conv after
-    an activation, and the block-input convs too unless `sew` (a SEW block's input is a sum
-    of spikes, not binary).
+    factory for convs whose input is exactly 0/1 (LIF outputs), which may keep it as bits
+    (`pack_spikes`): every conv after an activation, and the block-input convs too unless
+    `sew` (a SEW block's input is a sum of spikes, not binary).
     """
 
     features: int
@@ -208,11 +206,10 @@ class ResNet(nn.Module):
     step's pooled features: being affine, their mean over T is the default output (up to
     float rounding). TET and per-step distillation train on them (`losses.objective`).
 
-    Memory options (exact gradients, default off): `remat=True` rematerializes each residual
-    block and the stem in the backward pass (`nn.remat` with the `REMAT_POLICIES` entry named
-    by `remat_policy`): only block inputs are kept between blocks; `block_call`, when given
-    with `remat`, replaces `nn.remat` for the residual blocks (the spiking network's
-    rematerialization from packed spikes). `spike_conv` (set by
+    Memory options (exact gradients, default off): `remat=True` recomputes each residual
+    block and the stem in the backward pass, by `block_call(block, x)` / `stem_call(stem, x)`
+    when given (the spiking network's `memory.rematerialize`), else by `nn.remat` with the
+    `REMAT_POLICIES` entry named `remat_policy`. `spike_conv` (set by
     `spiking_resnet(pack_spikes=True)`) is the conv used on binary inputs, see `Block`.
     None of them changes the parameter tree.
     """
@@ -232,6 +229,7 @@ class ResNet(nn.Module):
     remat_policy: str = "nothing_saveable"
     spike_conv: ModuleDef | None = None
     block_call: Callable[[nn.Module, jax.Array], jax.Array] | None = None
+    stem_call: Callable[[nn.Module, jax.Array], jax.Array] | None = None
     # Flax momentum of every BatchNorm's running statistics (PyTorch's 0.1). `sltt` runs the
     # forward with 0.0, so that the new "running" statistics are the batch statistics.
     bn_momentum: float = 0.9
@@ -242,6 +240,12 @@ class ResNet(nn.Module):
         whatever `time_steps` and the BN scale init are: convs after it take spikes."""
         act = self.act.func if isinstance(self.act, functools.partial) else self.act
         return bool(getattr(act, "emits_spikes", False))
+
+    def _rematerialized(self, cls: type[nn.Module], call: Callable | None) -> tuple[Any, Any]:
+        """`(class, call)` that run `cls`: under `remat`, `call` if given, else `nn.remat`."""
+        if not self.remat or call is not None:
+            return cls, call if self.remat else None
+        return nn.remat(cls, policy=REMAT_POLICIES[self.remat_policy]), None
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False, per_step: bool = False) -> jax.Array:
@@ -257,12 +261,8 @@ class ResNet(nn.Module):
             axis_name=self.bn_axis_name if train else None,
             dtype=self.dtype,
         )
-        block_cls, stem_cls = self.block_cls, Stem
-        if self.remat:
-            policy = REMAT_POLICIES[self.remat_policy]  # create_model checked the name
-            if self.block_call is None:
-                block_cls = nn.remat(block_cls, policy=policy)
-            stem_cls = nn.remat(stem_cls, policy=policy)
+        block_cls, block_call = self._rematerialized(self.block_cls, self.block_call)
+        stem_cls, stem_call = self._rematerialized(Stem, self.stem_call)
         spike_conv = None
         if self.spike_conv is not None:
             spike_conv = functools.partial(self.spike_conv, dtype=self.dtype)
@@ -272,12 +272,12 @@ class ResNet(nn.Module):
         b = images.shape[0]
         x = jnp.broadcast_to(images.astype(self.dtype), (self.time_steps, *images.shape))
         x = x.reshape((self.time_steps * b, *images.shape[1:]))
-        x = stem_cls(
+        stem = stem_cls(
             stage_width(64, self.width), self.stem_padding, conv_fn, norm, self.act, name="stem"
-        )(x)
+        )
+        x = stem(x) if stem_call is None else stem_call(stem, x)
         for i, num_blocks in enumerate(self.stage_sizes):
             features = stage_width(64 * 2**i, self.width)
-            block_call = self.block_call if self.remat else None
             stage = Stage(
                 block, num_blocks, features, 1 if i == 0 else 2, block_call, name=f"stage{i + 1}"
             )
