@@ -193,8 +193,13 @@ def _lif_packed(x: jax.Array, decay: float, v_th: float, surrogate: str, width: 
     residuals per neuron and step are, for the rect surrogate, 2 bits (s[t] and the window
     |u[t] - v_th| < a, 8 neurons per byte); for triangle / sigmoid / atan, s[t] as a bit plus
     u[t] in float32 (their derivative needs u). The backward runs BPTT in reverse
-    time from them: `g_u[t] = g_s[t] sg'(u[t] - v_th) + g_u[t+1] decay (1 - s[t])`."""
-    return jnp.stack([s for _, s in _lif_steps(x, decay, v_th, surrogate, width)])
+    time from them: `g_u[t] = g_s[t] sg'(u[t] - v_th) + g_u[t+1] decay (1 - s[t])`.
+
+    Run without differentiation (`sltt`'s pass 1, evaluation), it packs each step's spikes
+    as they come and unpacks them all at the end, the same 0/1 values: XLA then holds the
+    currents and bits, not a second float32 tensor for all T (the spikes) beside them."""
+    bits = jnp.stack([_pack_step(s) for _, s in _lif_steps(x, decay, v_th, surrogate, width)])
+    return unpack_bits(bits, x.shape, x.dtype)
 
 
 def _pack_step(a: jax.Array) -> jax.Array:
@@ -202,14 +207,14 @@ def _pack_step(a: jax.Array) -> jax.Array:
 
 
 def _lif_packed_fwd(x, decay, v_th, surrogate, width):
-    spikes, s_bits, aux = [], [], []
+    s_bits, aux = [], []
     for u, s in _lif_steps(x, decay, v_th, surrogate, width):
-        spikes.append(s)
         s_bits.append(_pack_step(s))
         # The rectangle's derivative needs one bit per neuron and step (the window mask);
         # the smooth surrogates need the potential itself (kept in float32: exact gradients).
         aux.append(_pack_step(jnp.abs(u - v_th) < width) if surrogate == "rect" else u)
-    return jnp.stack(spikes), (jnp.stack(s_bits), jnp.stack(aux))
+    s_bits = jnp.stack(s_bits)
+    return unpack_bits(s_bits, x.shape, x.dtype), (s_bits, jnp.stack(aux))
 
 
 def _lif_packed_bwd(decay, v_th, surrogate, width, res, g):

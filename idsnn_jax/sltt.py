@@ -17,11 +17,14 @@ Then the backward never needs more than one step's activations:
    statistics, and takes each step's VJP with respect to the parameters; the loop adds
    them up, so XLA keeps one step's activations, not T.
 
-What still grows with T is pass 1: a forward without gradient keeps nothing for a backward,
-but holds a few of the current layer's activations for all T * B at once (every layer's
-statistics need all T steps of its input before any step of the next layer can run). Once
-those outgrow pass 2's one-step activations, the peak grows with T again, slowly (README
-"Training memory").
+What grows with T is pass 1: a forward without gradient keeps nothing for a backward, but
+holds the current layer's float32 currents for all T * B at once (every layer's statistics
+need all T steps of its input before any step of the next layer can run). Two things keep
+that below pass 2's one-step activations: pass 2 starts only once pass 1 is over (a fence
+on the cotangents; else XLA runs pass 2's first layers alongside pass 1), and with
+`pack_spikes` each LIF builds its spikes as bits step by step, so no float32 spike tensor
+for all T sits beside the currents (`neuron.lif_scan(packed=True)`). With both the peak is
+about flat in T (README "Training memory").
 
 BatchNorm under SLTT: the batch statistics (over all T * B) are constants of the gradient
 (as in SLTT implementations with BatchNorm, which normalize each step on its own); the
@@ -110,6 +113,7 @@ def value_and_grad(
     )
     chosen = chosen_steps(key if key is not None else jax.random.key(0), steps, k)
     every_step = k is None or k >= steps
+    stats, images = fence((stats, images), cotangents)  # pass 2 after all of pass 1
     grads = _pass2(model, params, stats, images, cotangents, chosen, every_step, unroll)
     if not every_step:
         grads = jax.tree.map(lambda x: x * (steps / k), grads)

@@ -203,25 +203,32 @@ def _peak_bytes(fn, *args) -> int:
 
 
 def _gradient_peak(t: int, gradient: str) -> int:
-    model = create_model("spiking_resnet18", num_classes=10, width=0.125, time_steps=t)
-    x = jnp.zeros((4, 8, 8, 3), jnp.float32)
-    y = jnp.zeros((4,), jnp.int32)
+    """Compiled peak of the CE gradient of a Spiking ResNet18 (width 1/8, batch 8, 16x16,
+    `pack_spikes`), the images an argument as in training."""
+    model = create_model(
+        "spiking_resnet18", num_classes=10, width=0.125, time_steps=t, pack_spikes=True
+    )
+    x = jnp.zeros((8, 16, 16, 3), jnp.float32)
+    y = jnp.zeros((8,), jnp.int32)
     v = jax.eval_shape(model.init, jax.random.key(0), x)
     options = LossOptions(kd_alpha=0.0)
     if gradient == "bptt":
         fn = jax.value_and_grad(functools.partial(steps._loss, model, None, options), has_aux=True)
-        return _peak_bytes(lambda p, s: fn(p, s, x, y, None), v["params"], v["batch_stats"])
+        return _peak_bytes(lambda p, s, xx: fn(p, s, xx, y, None), v["params"], v["batch_stats"], x)
     fn = functools.partial(sltt.loss_value_and_grad, model, None, options, None)
     key = jax.random.key(0)
-    return _peak_bytes(lambda p, s: fn(p, s, x, y, None, key=key), v["params"], v["batch_stats"])
+    return _peak_bytes(
+        lambda p, s, xx: fn(p, s, xx, y, None, key=key), v["params"], v["batch_stats"], x
+    )
 
 
 @pytest.mark.slow
 def test_compiled_memory_does_not_grow_with_t():
-    """Spiking ResNet18 width 1/8, batch 4, 8x8: SLTT's peak (XLA temp + arguments +
-    outputs) at T=16 within 1.2x of T=2's; BPTT's grows (so the test can fail)."""
+    """SLTT with `pack_spikes`: the peak (XLA temp + arguments + outputs) at T=16 within 1.05x
+    of T=2's (1.01x measured on CPU; 1.11x without the fence that starts pass 2 after pass 1,
+    1.36x then at width 1/4, batch 16, 32x32); BPTT's grows."""
     sltt16, sltt2 = _gradient_peak(16, "sltt"), _gradient_peak(2, "sltt")
-    assert sltt16 <= 1.2 * sltt2, (sltt16, sltt2)
+    assert sltt16 <= 1.05 * sltt2, (sltt16, sltt2)
     bptt16, bptt2 = _gradient_peak(16, "bptt"), _gradient_peak(2, "bptt")
     assert bptt16 > 2 * bptt2, (bptt16, bptt2)
     assert sltt16 < bptt16 / 2
