@@ -70,8 +70,8 @@ def _student() -> ml_collections.ConfigDict:
     student.remat = False
     student.pack_spikes = False
     # The student's gradient: "bptt" (exact, the reference) or "sltt" (online: no gradient
-    # along time, memory independent of T; README "Training memory"); sltt_k: the time steps
-    # drawn per batch for SLTT's backward (None: all T).
+    # along time; with pack_spikes=True its memory is flat in T; README "Training memory");
+    # sltt_k: the time steps drawn per batch for SLTT's backward (None: all T).
     student.gradient = "bptt"
     student.sltt_k = ml_collections.config_dict.placeholder(int)
     student.neuron = ml_collections.ConfigDict()
