@@ -20,11 +20,11 @@ Then the backward never needs more than one step's activations:
 What grows with T is pass 1: a forward without gradient keeps nothing for a backward, but
 holds the current layer's float32 currents for all T * B at once (every layer's statistics
 need all T steps of its input before any step of the next layer can run). Two things keep
-that below pass 2's one-step activations: pass 2 starts only once pass 1 is over (a fence
-on the cotangents; else XLA runs pass 2's first layers alongside pass 1), and with
-`pack_spikes` each LIF builds its spikes as bits step by step, so no float32 spike tensor
-for all T sits beside the currents (`neuron.lif_scan(packed=True)`). With both the peak is
-about flat in T (README "Training memory").
+that below pass 2's one-step activations, so that the peak is about flat in T (README
+"Training memory"): pass 2 starts only once pass 1 is over (a fence on the cotangents; else
+XLA runs pass 2's first layers alongside pass 1), and pass 1 runs the packed LIFs
+(`lif_scan(packed=True)`: the same spikes, built as bits step by step), so no float32 spike
+tensor for all T sits beside the currents.
 
 BatchNorm under SLTT: the batch statistics (over all T * B) are constants of the gradient
 (as in SLTT implementations with BatchNorm, which normalize each step on its own); the
@@ -134,7 +134,8 @@ def _pass1(
     kwargs = {"per_step": True} if per_step else {}
     variables = {"params": params, "batch_stats": batch_stats}
     # Momentum 0 makes the "running" statistics the batch's.
-    logits, updates = model.clone(bn_momentum=0.0).apply(
+    packed = functools.partial(model.act, pack_spikes=True)  # the same spikes, built as bits
+    logits, updates = model.clone(bn_momentum=0.0, act=packed).apply(
         variables, images, train=True, mutable=["batch_stats"], **kwargs
     )
     stats = jax.lax.stop_gradient(updates["batch_stats"])

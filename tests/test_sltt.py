@@ -203,11 +203,9 @@ def _peak_bytes(fn, *args) -> int:
 
 
 def _gradient_peak(t: int, gradient: str) -> int:
-    """Compiled peak of the CE gradient of a Spiking ResNet18 (width 1/8, batch 8, 16x16,
-    `pack_spikes`), the images an argument as in training."""
-    model = create_model(
-        "spiking_resnet18", num_classes=10, width=0.125, time_steps=t, pack_spikes=True
-    )
+    """Compiled peak of the CE gradient of a Spiking ResNet18 (width 1/8, batch 8, 16x16),
+    the images an argument as in training."""
+    model = create_model("spiking_resnet18", num_classes=10, width=0.125, time_steps=t)
     x = jnp.zeros((8, 16, 16, 3), jnp.float32)
     y = jnp.zeros((8,), jnp.int32)
     v = jax.eval_shape(model.init, jax.random.key(0), x)
@@ -224,9 +222,9 @@ def _gradient_peak(t: int, gradient: str) -> int:
 
 @pytest.mark.slow
 def test_compiled_memory_does_not_grow_with_t():
-    """SLTT with `pack_spikes`: the peak (XLA temp + arguments + outputs) at T=16 within 1.05x
-    of T=2's (1.01x measured on CPU; 1.11x without the fence that starts pass 2 after pass 1,
-    1.36x then at width 1/4, batch 16, 32x32); BPTT's grows."""
+    """SLTT's peak (XLA temp + arguments + outputs) at T=16 within 1.05x of T=2's (1.01x on
+    CPU; 1.06x without the fence before pass 2, 1.26x with pass 1's spikes in float32);
+    BPTT's grows."""
     sltt16, sltt2 = _gradient_peak(16, "sltt"), _gradient_peak(2, "sltt")
     assert sltt16 <= 1.05 * sltt2, (sltt16, sltt2)
     bptt16, bptt2 = _gradient_peak(16, "bptt"), _gradient_peak(2, "bptt")

@@ -70,7 +70,7 @@ def _student() -> ml_collections.ConfigDict:
     student.remat = False
     student.pack_spikes = False
     # The student's gradient: "bptt" (exact, the reference) or "sltt" (online: no gradient
-    # along time; with pack_spikes=True its memory is flat in T; README "Training memory");
+    # along time, memory about flat in T; README "Training memory");
     # sltt_k: the time steps drawn per batch for SLTT's backward (None: all T).
     student.gradient = "bptt"
     student.sltt_k = ml_collections.config_dict.placeholder(int)
