@@ -31,10 +31,10 @@ def fence(tree: Any, on: Any) -> Any:
 
     Work that starts from `fence(x, g)` cannot run before `g` exists. Without it XLA:CPU's
     (concurrency-optimized) scheduler runs recomputations that depend only on residuals as
-    early as it can, all at once: at T=6 that took the packed model's compiled temp memory
-    from 71 to 178 MiB. `optimization_barrier` does not help: XLA:CPU expands it away
-    before scheduling. The test, `v == v`, cannot be folded by XLA; it is false only for a
-    NaN, and then the gradients that follow are NaN anyway.
+    early as it can, all at once, so that their activations are live together.
+    `optimization_barrier` does not help: XLA:CPU expands it away before scheduling. The
+    test, `v == v`, cannot be folded by XLA; it is false only for a NaN, and then the
+    gradients that follow are NaN anyway.
     """
     first = sum(jnp.sum(leaf.reshape(-1)[:1]) for leaf in jax.tree.leaves(on))
     return jax.tree.map(lambda x: jnp.where(first == first, x, jnp.zeros_like(x)), tree)
@@ -58,7 +58,7 @@ def spike_conv(
     """`conv(x, kernel)` for x `(N, H, W, C)` exactly 0/1 (the backward rebuilds x as
     `x != 0`); the backward keeps x as bits (1/32 of float32).
 
-    `chunks` (dividing N; the spiking ResNets pass T, so a chunk is one time step): the
+    `chunks` (dividing N; `ResNet` passes its time steps, so a chunk is one step): the
     kernel gradient is the sum of the chunks' kernel gradients, each computed after the
     previous one, so that only one chunk of x is unpacked at a time (XLA:CPU also makes a
     transposed copy of it). The input gradient needs no x and is one convolution.
@@ -93,8 +93,8 @@ spike_conv.defvjp(_spike_conv_fwd, _spike_conv_bwd)
 class SpikeConv(nn.Module):
     """Bias-free k x k conv on spikes, with `nn.Conv`'s parameter (`<name>/kernel`, HWIO),
     init and forward; its backward stores the 0/1 input as bits (`spike_conv`), and sums the
-    kernel gradient over `chunks` equal parts of the batch axis when they divide it (T: one
-    time step each), else over the whole batch at once."""
+    kernel gradient over `chunks` equal parts of the batch axis when they divide it (one time
+    step each: `ResNet` passes its `time_steps`), else over the whole batch at once."""
 
     features: int
     kernel: int = 3

@@ -209,8 +209,8 @@ class ResNet(nn.Module):
     Memory options (exact gradients, default off): `remat=True` recomputes each residual
     block and the stem in the backward pass, by `block_call(block, x)` / `stem_call(stem, x)`
     when given (the spiking network's `memory.rematerialize`), else by `nn.remat` with the
-    `REMAT_POLICIES` entry named `remat_policy`. `spike_conv` (set by
-    `spiking_resnet(pack_spikes=True)`) is the conv used on binary inputs, see `Block`.
+    `REMAT_POLICIES` entry named `remat_policy`. `spike_conv` (`pack_spikes`; built with
+    `dtype` and `chunks=time_steps`) is the conv used on binary inputs, see `Block`.
     None of them changes the parameter tree.
     """
 
@@ -263,9 +263,9 @@ class ResNet(nn.Module):
         )
         block_cls, block_call = self._rematerialized(self.block_cls, self.block_call)
         stem_cls, stem_call = self._rematerialized(Stem, self.stem_call)
-        spike_conv = None
-        if self.spike_conv is not None:
-            spike_conv = functools.partial(self.spike_conv, dtype=self.dtype)
+        spike_conv = self.spike_conv
+        if spike_conv is not None:
+            spike_conv = functools.partial(spike_conv, dtype=self.dtype, chunks=self.time_steps)
         block = functools.partial(
             block_cls, conv=conv_fn, norm=norm, act=self.act, sew=self.sew, spike_conv=spike_conv
         )

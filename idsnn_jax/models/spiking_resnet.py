@@ -137,7 +137,7 @@ def spiking_resnet(
         dtype=dtype,
         remat=remat,
         remat_policy=remat_policy,
-        spike_conv=functools.partial(SpikeConv, chunks=time_steps) if pack_spikes else None,
+        spike_conv=SpikeConv if pack_spikes else None,
         # With both options, blocks and stem keep only their input (bits where it is spikes).
         block_call=functools.partial(rematerialize, binary=not sew) if both else None,
         stem_call=functools.partial(rematerialize, binary=False) if both else None,
