@@ -1,9 +1,8 @@
 """The step layer: train state (with an optional EMA of the weights) and data-parallel steps.
 
-The steps are written per device with explicit collectives over the mesh axis `batch` and
-run with `jax.shard_map` over a 1-D mesh of all devices, of all processes when a run spans
-several. Gradients, metrics and BatchNorm statistics are averaged over devices, so N devices
-match one device with the same global batch.
+Per-device steps with explicit collectives over the mesh axis `batch`, run by `jax.shard_map`
+over a 1-D mesh of all devices of all processes. Gradients, metrics and BatchNorm statistics
+are averaged over devices, so N devices match one device with the same global batch.
 
 `shard_map` runs with `check_vma=False`: with it on, the gradient of a per-device loss
 with respect to replicated parameters comes back already summed over devices, and the
@@ -32,6 +31,7 @@ from idsnn_jax.datasets import DatasetInfo
 from idsnn_jax.losses import LossOptions, cross_entropy, objective, teacher_logits
 from idsnn_jax.models import AXIS, firing_rates
 
+_SLTT_STREAM = 2**31 - 3  # of the step key; not an example index nor an `augment._STREAMS`
 Batch = dict[str, jax.Array]
 TrainStep = Callable[[Any, Batch, Any], tuple[Any, Batch]]
 TrainLoop = Callable[[Any, Batch, jax.Array, jax.Array, Any], tuple[Any, Batch]]
@@ -181,7 +181,7 @@ def make_train_step(
             batch["label"],
             teacher_variables,
             # One draw of SLTT's time steps on every device: N devices equal one.
-            key=jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1),
+            key=jax.random.fold_in(jax.random.fold_in(state.rng, state.step), _SLTT_STREAM),
         )
         new_state = _apply_grads(state, jax.lax.pmean(grads, AXIS), batch_stats, tx, ema_decay)
         correct = jnp.argmax(logits, -1) == batch["label"]
